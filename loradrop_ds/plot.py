@@ -1,0 +1,115 @@
+"""PNG chart of LoRA-drop importance scores and the resulting keep/share split."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from pathlib import Path
+
+KEPT_COLOUR = "tab:blue"
+SHARED_COLOUR = "tab:gray"
+
+
+def _validate(labels: list[str], importance: list[float], kept: list[bool], threshold: float) -> None:
+    if not labels:
+        raise ValueError("plot_importance: need at least one item, got empty labels")
+    if not (len(labels) == len(importance) == len(kept)):
+        raise ValueError(
+            "plot_importance: labels, importance and kept must have equal lengths, got "
+            f"{len(labels)}, {len(importance)} and {len(kept)}"
+        )
+    bad = [i for i, v in enumerate(importance) if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(
+            f"plot_importance: importance must be finite and non-negative; bad indices {bad[:10]}"
+        )
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"plot_importance: threshold must be in [0, 1], got {threshold!r}")
+
+
+def plot_importance(
+    path: str | os.PathLike,
+    labels: list[str],
+    importance: list[float],
+    kept: list[bool],
+    threshold: float,
+    title: str = "LoRA-drop layer importance",
+) -> None:
+    """Write a PNG with per-item normalised importance (top) and the cumulative
+    share of items sorted by importance (bottom).
+
+    Bars stay in the given (layer) order so the chart reads like the model; the
+    cumulative curve is in rank order because that is how the threshold selects.
+    """
+    importance = [float(v) for v in importance]
+    kept = [bool(k) for k in kept]
+    labels = [str(s) for s in labels]
+    _validate(labels, importance, kept, threshold)
+
+    # Lazy import: matplotlib is only needed when a plot is actually requested.
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+    except ImportError as exc:
+        raise RuntimeError(
+            "plot_importance needs matplotlib: pip install matplotlib"
+        ) from exc
+
+    n = len(labels)
+    total = sum(importance)
+    # All-zero scores would divide by zero; an all-zero chart is the honest picture.
+    share = [v / total for v in importance] if total > 0 else [0.0] * n
+    ranked = sorted(share, reverse=True)
+    cumulative: list[float] = []
+    running = 0.0
+    for v in ranked:
+        running += v
+        cumulative.append(running)
+    n_kept = sum(kept)
+
+    # Explicit Figure + Agg canvas instead of pyplot: no global backend/figure
+    # state is touched, so this is safe inside a (possibly multi-threaded) trainer.
+    fig = Figure(figsize=(max(6.0, 0.3 * n + 2.0), 6.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_bar, ax_cum = fig.subplots(2, 1, height_ratios=[3, 1])
+
+    xs = list(range(n))
+    ax_bar.bar(xs, share, color=[KEPT_COLOUR if k else SHARED_COLOUR for k in kept])
+    ax_bar.set_xticks(xs)
+    many = n > 12
+    ax_bar.set_xticklabels(labels, rotation=90 if many else 0, fontsize=7 if many else 9)
+    ax_bar.set_xlim(-0.6, n - 0.4)
+    ax_bar.set_ylabel("normalised importance")
+    ax_bar.set_title(title)
+    # Explicit handles so both entries show even when one category is empty.
+    ax_bar.legend(
+        handles=[
+            Patch(color=KEPT_COLOUR, label="own LoRA (kept)"),
+            Patch(color=SHARED_COLOUR, label="shared LoRA"),
+        ],
+        loc="upper right",
+    )
+
+    ranks = list(range(1, n + 1))
+    ax_cum.plot(ranks, cumulative, marker="o", markersize=3, color=KEPT_COLOUR)
+    ax_cum.axhline(threshold, linestyle="--", color="tab:red", label=f"threshold {threshold:g}")
+    ax_cum.axvline(n_kept, linestyle=":", color="black", label=f"kept {n_kept}/{n}")
+    ax_cum.set_xlim(0.5, n + 0.5)
+    ax_cum.set_ylim(0.0, 1.05)
+    ax_cum.set_xlabel("rank (descending importance)")
+    ax_cum.set_ylabel("cumulative share")
+    ax_cum.legend(loc="lower right", fontsize=8)
+
+    # Atomic write: a reader (or a crash mid-save) never sees a truncated PNG.
+    # A plain open() (not mkstemp) keeps the usual umask-derived permissions.
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fig.savefig(fh, format="png", dpi=100)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,157 @@
+"""The optimisation loop shared by both stages, and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .data import IGNORE_INDEX, BatchStream, Example, collate, eval_batches
+from .distributed import DistInfo
+from .lora import ImportanceRecorder
+from .metrics import MetricsLogger, progress_bar
+
+
+@dataclass
+class StageResult:
+    steps: int
+    losses: list[float]  # mean loss over all ranks at every optimizer step
+    tokens_per_rank: int
+    seconds: float
+
+
+def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / dist.get_world_size()).tolist()
+
+
+def train_stage(
+    engine: Any,
+    examples: list[Example],
+    stream: BatchStream,
+    steps: int,
+    *,
+    stage: str,
+    info: DistInfo,
+    pad_id: int,
+    logger: MetricsLogger,
+    log_every: int = 1,
+    step_offset: int = 0,
+    recorder: Optional[ImportanceRecorder] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> StageResult:
+    """Run ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
+
+    ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
+    gradients over ranks, so a step's gradient is the mean of the micro-batch means.
+    With a ``recorder``, the forwards add to the LoRA-drop statistics.
+    """
+    engine.train()
+    grad_accum = engine.gradient_accumulation_steps()
+    losses: list[float] = []
+    tokens_total = 0
+    bar = progress_bar(steps, desc=stage, enabled=info.is_main)
+    start = window_start = time.perf_counter()
+    window_tokens = 0
+    for step in range(1, steps + 1):
+        step_loss = 0.0
+        for _ in range(grad_accum):
+            batch = collate([examples[i] for i in next(stream)], pad_id)
+            batch = {k: v.to(info.device) for k, v in batch.items()}
+            record = recorder.recording(batch["attention_mask"]) if recorder else contextlib.nullcontext()
+            with record:
+                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"])
+            engine.backward(out.loss)
+            engine.step()
+            step_loss += out.loss.detach().float().item() / grad_accum
+            n = int(batch["attention_mask"].sum())
+            window_tokens += n
+            tokens_total += n
+        mean_loss = _mean_over_ranks([step_loss], info.device)[0]
+        losses.append(mean_loss)
+        if on_step is not None:
+            on_step(step)
+        if step % log_every == 0 or step == steps:
+            now = time.perf_counter()
+            record_ = {
+                "stage": stage,
+                "loss": mean_loss,
+                "lr": engine.get_lr()[0],
+                "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
+                "grad_norm": _grad_norm(engine),
+            }
+            logger.log(record_, step=step_offset + step)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
+            window_start, window_tokens = now, 0
+        bar.update(1)
+    bar.close()
+    return StageResult(steps, losses, tokens_total, time.perf_counter() - start)
+
+
+def _grad_norm(engine: Any) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item()) if torch.is_tensor(norm) else float(norm)
+
+
+@torch.no_grad()
+def evaluate(
+    engine: Any,
+    examples: list[Example],
+    label_token_ids: list[int],
+    info: DistInfo,
+    micro_batch_size: int,
+    pad_id: int,
+    desc: str = "eval",
+    probe: Optional[dict] = None,
+) -> dict[str, float]:
+    """Token-weighted loss on response tokens over the whole set and, for label tasks,
+    accuracy: the argmax over the labels' first response tokens at the position that
+    predicts the response. Every rank runs the same number of forwards.
+
+    If ``probe`` is a dict, rank 0 stores the first batch and its logits there.
+    """
+    engine.eval()
+    batches = eval_batches(len(examples), micro_batch_size, info.rank, info.world_size)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, labelled
+    candidates = torch.tensor(label_token_ids, dtype=torch.long, device=info.device) if label_token_ids else None
+    bar = progress_bar(len(batches), desc=desc, enabled=info.is_main)
+    for idx, weights in batches:
+        chosen = [examples[i] for i in idx]
+        batch = {k: v.to(info.device) for k, v in collate(chosen, pad_id).items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if probe is not None and info.is_main and not probe:
+            probe.update({k: v.cpu() for k, v in batch.items()})
+            probe["logits"] = logits.cpu()
+        w = torch.tensor(weights, dtype=torch.float32, device=info.device)
+        shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
+        token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX,
+                                     reduction="none")
+        valid = (shift_labels != IGNORE_INDEX).float() * w[:, None]
+        sums[0] += float((token_loss * valid).sum())
+        sums[1] += float(valid.sum())
+        if candidates is not None:
+            pos = torch.tensor([e.response_start - 1 for e in chosen], device=info.device)
+            row_logits = logits[torch.arange(len(chosen), device=info.device), pos][:, candidates]
+            pred = row_logits.argmax(dim=-1).cpu()
+            gold = torch.tensor([e.label for e in chosen])
+            sums[2] += float(((pred == gold).float() * w.cpu()).sum())
+            sums[3] += float(w.sum())
+        bar.update(1)
+    bar.close()
+    sums = sums.to(info.device)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    sums = sums.cpu()
+    result = {"eval_loss": float(sums[0] / max(sums[1], 1.0))}
+    if candidates is not None:
+        result["eval_accuracy"] = float(sums[2] / max(sums[3], 1.0))
+    engine.train()
+    return result
