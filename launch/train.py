@@ -41,6 +41,7 @@ from loradrop_ds.lora import ImportanceRecorder, add_lora, tie_shared_lora, trai
 from loradrop_ds.metrics import MetricsLogger, format_count  # noqa: E402
 from loradrop_ds.model import (  # noqa: E402
     BUILTIN_PREFIX,
+    ModelError,
     describe_modules,
     load_model,
     load_model_config,
@@ -269,7 +270,7 @@ def print_summary(summary: dict) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (config_lib.ConfigError, data_lib.DataError, ValueError) as e:
-        # Input errors: one clear line, no traceback. Everything else keeps its traceback.
+    except (config_lib.ConfigError, data_lib.DataError, ModelError) as e:
+        # Bad input: one clear line, no traceback, exit 2. Everything else keeps its traceback.
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

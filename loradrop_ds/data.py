@@ -42,6 +42,8 @@ def load_records(path_or_name: str, key: str) -> list[dict]:
             raise DataError(f"{key}={path_or_name}: no such file")
         if suffix not in _LOCAL_FORMATS:
             raise DataError(f"{key}={path_or_name}: unsupported format {suffix!r}; use .json, .jsonl or .parquet")
+        if os.path.getsize(path_or_name) == 0 or (suffix != ".parquet" and not Path(path_or_name).read_text().strip()):
+            raise DataError(f"{key}={path_or_name}: the dataset is empty")
         try:
             ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=path_or_name, split="train")
         except Exception as e:  # datasets raises many types for malformed files
