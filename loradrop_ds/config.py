@@ -66,7 +66,7 @@ class LoraDropConfig:
     enabled: bool = True
     threshold: float = 0.9  # T: keep layers until their cumulative importance reaches T
     sample_ratio: float = 0.1  # alpha: fraction of the training set used for sampling
-    sampling_steps: int = 20  # optimizer steps in the sampling stage
+    sampling_steps: int = 10  # optimizer steps in the sampling stage
     sampling_lr: Optional[float] = None  # defaults to train.lr
     # layer: one importance per layer (sum over its LoRA modules), a kept layer keeps
     # all its LoRAs. module: one importance per (layer, module) pair.
@@ -80,11 +80,11 @@ class LoraDropConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    lr: float = 2e-4
-    micro_batch_size: int = 4
+    max_steps: int = 50
+    lr: float = 1e-3
+    micro_batch_size: int = 8
     grad_accum: int = 1
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0

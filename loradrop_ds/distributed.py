@@ -69,6 +69,12 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() == "cpu":
         device = torch.device("cpu")
+        # Ranks share the machine's cores: without this each rank starts one thread per
+        # core and they oversubscribe (torchrun sets OMP_NUM_THREADS=1, deepspeed does not).
+        if "OMP_NUM_THREADS" not in os.environ:
+            # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(), local_rank)

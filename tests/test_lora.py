@@ -1,0 +1,97 @@
+"""LoRA injection, the importance recorder and the tied shared LoRA, in one process
+on a tiny fp32 model (no DeepSpeed)."""
+
+import pytest
+import torch
+
+from loradrop_ds.config import LoraConfig
+from loradrop_ds.importance import sharing_plan
+from loradrop_ds.lora import ImportanceRecorder, add_lora, lora_layers, tie_shared_lora, trainable_parameter_count
+from loradrop_ds.model import ModelError, describe_modules, module_info
+from workers.common import hand_selection, randomize_lora_b
+
+MODULES = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture
+def peft_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model.requires_grad_(False)
+    model = add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=MODULES), seed=0)
+    randomize_lora_b(model, seed=1)
+    return model
+
+
+def test_add_lora_is_seeded(tiny_model, peft_model):
+    from transformers import AutoModelForCausalLM
+
+    other = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, alpha=8.0, dropout=0.0,
+                     target_modules=MODULES), seed=0)
+    a = dict(peft_model.named_parameters())
+    for name, p in other.named_parameters():
+        if "lora_A" in name:
+            assert torch.equal(p, a[name])
+
+
+def test_recorder_counts_only_recorded_forwards_and_real_tokens(peft_model):
+    rec = ImportanceRecorder(peft_model, MODULES, "cpu")
+    ids = torch.randint(3, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    peft_model(input_ids=ids, attention_mask=mask)  # outside recording(): not counted
+    assert rec.stats.sq_norm_sums.abs().sum() == 0
+    with rec.recording(mask):
+        peft_model(input_ids=ids, attention_mask=mask)
+    once = rec.stats.sq_norm_sums.clone()
+    assert (once > 0).all()
+    assert rec.stats.token_counts.unique().tolist() == [11.0]
+    # Padding positions do not count: changing pad tokens leaves the sums unchanged.
+    ids2 = ids.clone()
+    ids2[1, 4:] = 5
+    with rec.recording(mask):
+        peft_model(input_ids=ids2, attention_mask=mask)
+    torch.testing.assert_close(rec.stats.sq_norm_sums, 2 * once)
+    rec.remove()
+    with rec.recording(mask):
+        peft_model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(rec.stats.sq_norm_sums, 2 * once)
+
+
+def test_tied_lora_shares_modules_and_counts_parameters_once(peft_model):
+    before = trainable_parameter_count(peft_model)
+    per_layer = before // 4
+    plan = sharing_plan(hand_selection(4, MODULES, [1, 3]))
+    users = tie_shared_lora(peft_model, plan, train_shared=True)
+    assert users == {m: [0, 2] for m in MODULES}
+    layers = lora_layers(peft_model, MODULES)
+    for m in MODULES:
+        assert layers[(0, m)].lora_A["default"] is layers[(2, m)].lora_A["default"]
+        assert layers[(1, m)].lora_A["default"] is not layers[(3, m)].lora_A["default"]
+    assert trainable_parameter_count(peft_model) == 3 * per_layer  # 2 kept + 1 shared
+
+    # Gradients of a shared weight are the sum over its uses.
+    ids = torch.randint(3, 100, (2, 6))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    shared_grad = layers[(0, "q_proj")].lora_A["default"].weight.grad
+    assert shared_grad is not None and shared_grad.abs().sum() > 0
+
+
+def test_frozen_shared_lora(peft_model):
+    plan = sharing_plan(hand_selection(4, MODULES, [1]))
+    tie_shared_lora(peft_model, plan, train_shared=False)
+    layers = lora_layers(peft_model, MODULES)
+    assert not layers[(0, "q_proj")].lora_A["default"].weight.requires_grad
+    assert layers[(1, "q_proj")].lora_A["default"].weight.requires_grad
+
+
+def test_target_modules_are_checked_on_a_weightless_model(tiny_model):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    info = describe_modules(config, ["q_proj", "down_proj"])
+    assert info.num_layers == 4
+    assert info.shapes == {"q_proj": (64, 64), "down_proj": (128, 64)}
+    with pytest.raises(ModelError, match=r"lora.target_modules \['wq'\] not found in decoder layer 0; linear modules there are \["):
+        describe_modules(config, ["q_proj", "wq"])
