@@ -91,6 +91,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only before and after training
+    # Checkpoint every N optimizer steps of either stage (0: only at the end of each stage).
+    save_every: int = 25
+    keep_last: int = 2  # complete checkpoints kept; older ones are pruned after a newer one is complete
     # Write the logits of the first eval batch after training (verification artefact).
     save_probe_logits: bool = False
 
@@ -99,6 +102,9 @@ class TrainConfig:
 class Config:
     seed: int = 42
     output_dir: str = "runs/default"
+    # auto: continue from the newest complete checkpoint in output_dir (or start fresh);
+    # never: start fresh, refusing a directory that already holds a run; else a checkpoint path.
+    resume: str = "auto"
     deepspeed: str = "ds_configs/zero3.json"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +256,8 @@ def validate(cfg: Config) -> None:
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping), got {train.max_grad_norm}")
     _check(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
     _check(train.eval_every >= 0, f"train.eval_every must be >= 0, got {train.eval_every}")
+    _check(train.save_every >= 0, f"train.save_every must be >= 0 (0: only at stage ends), got {train.save_every}")
+    _check(train.keep_last >= 1, f"train.keep_last must be >= 1, got {train.keep_last}")
     _check(data.max_seq_len >= 2, f"data.max_seq_len must be >= 2, got {data.max_seq_len}")
     _check(data.max_eval_examples is None or data.max_eval_examples >= 1,
            f"data.max_eval_examples must be >= 1 or null, got {data.max_eval_examples}")

@@ -19,8 +19,8 @@ from .metrics import MetricsLogger, progress_bar
 
 @dataclass
 class StageResult:
-    steps: int
-    losses: list[float]  # mean loss over all ranks at every optimizer step
+    steps: int  # optimizer steps run by this call
+    losses: list[float]  # mean loss over all ranks at every optimizer step run
     tokens_per_rank: int
     seconds: float
 
@@ -42,24 +42,27 @@ def train_stage(
     pad_id: int,
     logger: MetricsLogger,
     log_every: int = 1,
-    step_offset: int = 0,
+    start_step: int = 0,
     recorder: Optional[ImportanceRecorder] = None,
-    on_step: Optional[Callable[[int], None]] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
 ) -> StageResult:
-    """Run ``steps`` optimizer steps of ``grad_accum`` micro-batches each.
+    """Run optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each
+    (``start_step > 0`` continues a resumed stage; ``stream`` must be positioned to match).
 
     ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
     gradients over ranks, so a step's gradient is the mean of the micro-batch means.
-    With a ``recorder``, the forwards add to the LoRA-drop statistics.
+    With a ``recorder``, the forwards add to the LoRA-drop statistics. ``on_step(step,
+    loss)`` runs after every step (checkpoints, periodic eval).
     """
     engine.train()
     grad_accum = engine.gradient_accumulation_steps()
     losses: list[float] = []
     tokens_total = 0
     bar = progress_bar(steps, desc=stage, enabled=info.is_main)
+    bar.update(start_step)
     start = window_start = time.perf_counter()
     window_tokens = 0
-    for step in range(1, steps + 1):
+    for step in range(start_step + 1, steps + 1):
         step_loss = 0.0
         for _ in range(grad_accum):
             batch = collate([examples[i] for i in next(stream)], pad_id)
@@ -76,8 +79,6 @@ def train_stage(
             tokens_total += n
         mean_loss = _mean_over_ranks([step_loss], info.device)[0]
         losses.append(mean_loss)
-        if on_step is not None:
-            on_step(step)
         if step % log_every == 0 or step == steps:
             now = time.perf_counter()
             record_ = {
@@ -87,12 +88,14 @@ def train_stage(
                 "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
                 "grad_norm": _grad_norm(engine),
             }
-            logger.log(record_, step=step_offset + step)
+            logger.log(record_, step=step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
             window_start, window_tokens = now, 0
         bar.update(1)
+        if on_step is not None:
+            on_step(step, mean_loss)
     bar.close()
-    return StageResult(steps, losses, tokens_total, time.perf_counter() - start)
+    return StageResult(steps - start_step, losses, tokens_total, time.perf_counter() - start)
 
 
 def _grad_norm(engine: Any) -> Optional[float]:

@@ -39,11 +39,13 @@ def subprocess_env() -> dict:
 
 
 def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: int = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
+              check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc script args``: real processes, real gloo."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", str(script), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    env = subprocess_env()
+    env.update(extra_env or {})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -55,3 +57,22 @@ def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProce
     env.update({"MASTER_PORT": str(_free_port())})
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def finished_run_args(model_dir, out_dir, *extra) -> list[str]:
+    """A short 2-rank LoRA-drop run of the tiny model with checkpoints every 2 steps.
+    Dropout is on, so exact resumption also needs the RNG state."""
+    return [f"model.path={model_dir}", f"output_dir={out_dir}", "deepspeed=ds_configs/zero3_tiny.json",
+            "loradrop.sampling_steps=4", "loradrop.sample_ratio=0.05", "loradrop.threshold=0.6",
+            "loradrop.sampling_lr=0.01", "train.max_steps=6", "train.warmup_steps=1", "train.lr=0.01",
+            "train.micro_batch_size=4", "data.max_eval_examples=16", "lora.dropout=0.1",
+            "lora.target_modules=[q_proj,v_proj,up_proj]", "train.save_every=2", "train.keep_last=3",
+            "train.save_probe_logits=true", *extra]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_model, tmp_path_factory) -> Path:
+    """An uninterrupted run (the reference for resume tests, the source for export tests)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, out))
+    return out

@@ -1,0 +1,290 @@
+"""Resumable run checkpoints: complete or absent, small, and exact.
+
+A checkpoint is a directory ``output_dir/checkpoints/<stage>-step<NNNNNNN>/`` holding
+
+* ``ds/``: DeepSpeed's own checkpoint with ``exclude_frozen_parameters=True``: the LoRA
+  parameters' fp32 partitions, the optimizer state and the LR scheduler, never the
+  frozen base weights;
+* ``adapter/``: the LoRA weights gathered into a standard PEFT adapter (what export reads,
+  without DeepSpeed or ranks);
+* ``rng/rank<R>.pt`` and, in the sampling stage, ``stats/rank<R>.safetensors``: each rank's
+  RNG state and its partial LoRA-output statistics;
+* ``state.json``: stage, step, data position, world size, resolved config, base model
+  identity, the selection once made and the results so far;
+* ``COMPLETE.json``, written last: the manifest of every file with its size.
+
+Every rank writes into ``checkpoints/.tmp-<name>/``; rank 0 then writes the manifest and
+renames the directory into place, so a checkpoint appears whole or not at all. A run's
+directory must be on storage every rank sees (a shared filesystem across nodes), as for
+any DeepSpeed checkpoint. Old checkpoints are pruned only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .importance import ImportanceStats
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MARKER = "COMPLETE.json"
+STAGES = ("sampling", "main")
+_NAME = re.compile(r"^(sampling|main)-step(\d{7})$")
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_every", "train.save_every",
+                     "train.keep_last", "train.save_probe_logits", "data.max_eval_examples"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says why and what to do."""
+
+
+@dataclass
+class RunState:
+    stage: str  # "sampling" or "main"
+    step: int  # optimizer steps completed in this stage
+    stream_position: int  # global micro-batches consumed by this stage's BatchStream
+    world_size: int
+    config: dict
+    base_model: dict  # {"path": ..., "config_sha256": ...}
+    selection: Optional[dict] = None  # Selection as a dict, once made
+    results: dict = field(default_factory=dict)  # zero-shot eval, sampling summary, ...
+
+
+def checkpoint_name(stage: str, step: int) -> str:
+    return f"{stage}-step{step:07d}"
+
+
+def base_model_identity(model_path: str, resolved_path: str) -> dict:
+    """The base model a run trains on: its path as configured and a digest of its
+    config.json, so a checkpoint can be matched against another base model."""
+    cfg_file = Path(resolved_path) / "config.json"
+    digest = hashlib.sha256(cfg_file.read_bytes()).hexdigest() if cfg_file.is_file() else None
+    return {"path": model_path, "config_sha256": digest}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Settings that differ and would change the result of a resumed run."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted((set(a) | set(b)) - RESUMABLE_CHANGES)
+    return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def _manifest(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, keep_last: int,
+                        stats: Optional[ImportanceStats] = None) -> Path:
+    """Write a checkpoint of the current engine and run state. Call on every rank."""
+    from . import distributed
+    from .checkpoint import gather_lora_state, save_adapter
+
+    root = Path(out_dir) / CHECKPOINTS
+    name = checkpoint_name(state.stage, state.step)
+    tmp, final = root / f".tmp-{name}", root / name
+    if info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "rng").mkdir(parents=True)
+        (tmp / "stats").mkdir()
+    distributed.barrier()
+
+    engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+    rng = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(info.device)
+    torch.save(rng, tmp / "rng" / f"rank{info.rank}.pt")
+    if stats is not None:
+        from safetensors.torch import save_file
+
+        save_file({"sq_norm_sums": stats.sq_norm_sums.detach().cpu(), "token_counts": stats.token_counts.detach().cpu()},
+                  tmp / "stats" / f"rank{info.rank}.safetensors",
+                  metadata={"module_names": json.dumps(stats.module_names)})
+    adapter_state = gather_lora_state(engine.module)  # collective
+    distributed.barrier()  # every rank's files are on disk
+
+    if info.is_main:
+        save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
+        _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
+        _fsync_write(tmp / MARKER, json.dumps({"name": name, "files": _manifest(tmp)}, indent=2))
+        if final.exists():  # a re-save of the same step (after a resume): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune_checkpoints(root, keep_last)
+        log.info("checkpoint written: %s", final)
+    distributed.barrier()
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints; drop older ones and stale
+    temporaries (a crash mid-write leaves a ``.tmp-*`` that is never complete)."""
+    complete = [p for p, _ in list_checkpoints(root.parent, warn=False)]
+    for old in complete[keep_last:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def verify_checkpoint(path: Path) -> Optional[str]:
+    """None if ``path`` is a complete checkpoint, else why not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return f"no {MARKER} (the write was interrupted)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as e:
+        return f"unreadable {MARKER} ({e})"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} is {f.stat().st_size} bytes, expected {size} (truncated)"
+    return None
+
+
+def read_state(path: Path) -> RunState:
+    return RunState(**json.loads((Path(path) / "state.json").read_text()))
+
+
+def _order(path: Path) -> tuple[int, int]:
+    m = _NAME.match(path.name)
+    return (STAGES.index(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def list_checkpoints(out_dir: Path, warn: bool = True) -> list[tuple[Path, RunState]]:
+    """Complete checkpoints of a run, newest first; incomplete ones are skipped (with a
+    warning when ``warn``)."""
+    root = Path(out_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted((p for p in root.iterdir() if _NAME.match(p.name)), key=_order, reverse=True):
+        problem = verify_checkpoint(path)
+        if problem:
+            if warn:
+                log.warning("skipping checkpoint %s: %s", path, problem)
+            continue
+        found.append((path, read_state(path)))
+    return found
+
+
+def run_exists(out_dir: Path) -> bool:
+    out_dir = Path(out_dir)
+    return any((out_dir / name).exists() for name in (CHECKPOINTS, "metrics.jsonl", "summary.json", "adapter"))
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[tuple[Path, RunState]]:
+    """Resolve the ``resume`` setting to a checkpoint (or None: start fresh)."""
+    if resume == "never":
+        if run_exists(out_dir):
+            raise CheckpointError(f"output_dir {out_dir} already holds a run and resume=never; choose another "
+                                  "output_dir, delete it, or use resume=auto to continue it")
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out_dir)
+        return found[0] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+    problem = verify_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"resume={resume}: not a complete checkpoint: {problem}")
+    return path, read_state(path)
+
+
+def check_compatible(state: RunState, config: dict, world_size: int, base_model: dict, path: Path) -> None:
+    """Refuse a resume that would not continue the same run."""
+    if state.base_model.get("config_sha256") != base_model.get("config_sha256"):
+        raise CheckpointError(f"checkpoint {path} was trained on base model {state.base_model.get('path')!r}, "
+                              f"which differs from model.path={base_model.get('path')!r} (config.json differs)")
+    diffs = config_differences(state.config, config)
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} was made with other settings; resuming would not continue "
+                              "the same run:\n  " + "\n  ".join(diffs))
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {state.world_size} ranks, this run has {world_size}. ZeRO-3 "
+            f"optimizer shards are per rank: resume with {state.world_size} ranks, or start a new run from "
+            f"its adapter (export it) with a new output_dir")
+
+
+def load_engine_state(engine: Any, path: Path) -> None:
+    """LoRA weights, optimizer and scheduler state back into a freshly built engine."""
+    load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}/ds")
+
+
+def restore_rng(path: Path, info: Any) -> None:
+    rng = torch.load(Path(path) / "rng" / f"rank{info.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and info.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], info.device)
+
+
+def load_rank_stats(path: Path, info: Any, device: torch.device) -> ImportanceStats:
+    from safetensors import safe_open
+
+    f = Path(path) / "stats" / f"rank{info.rank}.safetensors"
+    with safe_open(str(f), framework="pt") as st:
+        names = json.loads(st.metadata()["module_names"])
+        return ImportanceStats(names, st.get_tensor("sq_norm_sums").to(device), st.get_tensor("token_counts").to(device))
+
+
+def truncate_metrics(out_dir: Path, stage: str, step: int) -> None:
+    """Drop metrics a killed run logged after the checkpoint it resumes from, so that
+    ``metrics.jsonl`` reads as one uninterrupted run."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    limit = (STAGES.index(stage), step)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        rec_stage = rec.get("stage")
+        order = STAGES.index(rec_stage) if rec_stage in STAGES else (0 if rec_stage == "zero_shot" else 1)
+        if (order, rec.get("step", 0)) <= limit or (rec_stage == "zero_shot"):
+            kept.append(line)
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -1,0 +1,116 @@
+"""Checkpoints and exact resume, 2 ranks, fp32: runs killed with SIGKILL mid-sampling and
+mid-main-stage, resumed with resume=auto, end exactly as an uninterrupted run."""
+
+import json
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, finished_run_args, run_python, run_ranks
+from loradrop_ds import run_checkpoint as ckpt
+
+TRAIN = REPO / "launch" / "train.py"
+
+
+args = finished_run_args
+
+
+def losses(out_dir):
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["stage"], r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def assert_same_run(out, ref):
+    got, want = losses(out), losses(ref)
+    assert [(s, n) for s, n, _ in got] == [(s, n) for s, n, _ in want]
+    for (stage, step, a), (_, _, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (stage, step)
+    mine, theirs = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" / "adapter_model.safetensors")
+    assert mine.keys() == theirs.keys()
+    for k in theirs:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-6, atol=1e-6)
+    assert json.loads((out / "selection.json").read_text())["kept"] == json.loads((ref / "selection.json").read_text())["kept"]
+
+
+@pytest.fixture
+def reference_run(finished_run):
+    return finished_run
+
+
+def kill_then_resume(tiny_model, out, at, tamper=None):
+    env = {"LORADROP_TEST_SIGKILL_AT": at}
+    proc = run_ranks(TRAIN, args(tiny_model, out), check=False, extra_env=env)
+    assert proc.returncode != 0, "the run was meant to be killed"
+    assert not (out / "adapter").exists()
+    if tamper:
+        tamper(out)
+    proc = run_ranks(TRAIN, args(tiny_model, out))
+    return proc
+
+
+def test_killed_mid_sampling_resumes_exactly(tiny_model, tmp_path, reference_run):
+    out = tmp_path / "run"
+    proc = kill_then_resume(tiny_model, out, "sampling:3")
+    assert "resuming from" in proc.stderr + proc.stdout and "sampling-step0000002" in proc.stderr + proc.stdout
+    assert_same_run(out, reference_run)
+
+
+def test_killed_mid_main_resumes_exactly_skipping_a_truncated_checkpoint(tiny_model, tmp_path, reference_run):
+    out = tmp_path / "run"
+
+    def truncate_newest(run_dir):
+        newest = run_dir / "checkpoints" / "main-step0000004"
+        assert newest.is_dir() and (run_dir / "checkpoints" / "main-step0000002").is_dir()
+        victim = next(p for p in sorted((newest / "ds").rglob("*")) if p.is_file() and p.stat().st_size > 100)
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+
+    proc = kill_then_resume(tiny_model, out, "main:5", tamper=truncate_newest)
+    log = proc.stderr + proc.stdout
+    assert "skipping checkpoint" in log and "main-step0000004" in log and "truncated" in log
+    assert "resuming from" in log and "main-step0000002" in log
+    assert_same_run(out, reference_run)
+
+
+def test_checkpoint_without_marker_is_skipped_and_pruning_keeps_the_newest(reference_run, tmp_path, caplog):
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    names = [p.name for p, _ in ckpt.list_checkpoints(run)]
+    assert names == ["main-step0000006", "main-step0000004", "main-step0000002"]  # keep_last=3
+    (run / "checkpoints" / "main-step0000006" / ckpt.MARKER).unlink()
+    with caplog.at_level(logging.WARNING):
+        path, state = ckpt.find_resume_checkpoint("auto", run)
+    assert path.name == "main-step0000004" and state.stage == "main" and state.step == 4
+    assert "no COMPLETE.json" in caplog.text
+    assert state.selection is not None and state.world_size == 2
+
+
+def test_checkpoint_holds_no_frozen_base_weights(reference_run, tiny_model):
+    newest = reference_run / "checkpoints" / "main-step0000006"
+    ds_bytes = sum(p.stat().st_size for p in (newest / "ds").rglob("*") if p.is_file())
+    base_bytes = (tiny_model / "model.safetensors").stat().st_size
+    adapter_bytes = (newest / "adapter" / "adapter_model.safetensors").stat().st_size
+    # LoRA weights + fp32 master copy + two Adam moments, plus DeepSpeed's bookkeeping;
+    # the frozen base model alone would be more than this.
+    assert ds_bytes < 0.5 * base_bytes, (ds_bytes, base_bytes)
+    assert ds_bytes < 12 * adapter_bytes, (ds_bytes, adapter_bytes)
+
+
+def test_resume_refuses_other_settings_world_size_and_never(tiny_model, reference_run, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    proc = run_python([str(TRAIN), *args(tiny_model, run, "lora.r=4")])
+    assert proc.returncode == 2 and "lora.r: checkpoint 8, now 4" in proc.stderr, proc.stderr[-2000:]
+    proc = run_python([str(TRAIN), *args(tiny_model, run)])  # 1 rank, checkpoint from 2
+    assert proc.returncode == 2 and "was written by 2 ranks, this run has 1" in proc.stderr, proc.stderr[-2000:]
+    proc = run_python([str(TRAIN), *args(tiny_model, run, "resume=never")])
+    assert proc.returncode == 2 and "already holds a run and resume=never" in proc.stderr
+    proc = run_python([str(TRAIN), *args(tiny_model, run, f"resume={tmp_path}/nothing")])
+    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
+    # Nothing was overwritten by the refused runs.
+    assert [p.name for p, _ in ckpt.list_checkpoints(run)] == ["main-step0000006", "main-step0000004",
+                                                              "main-step0000002"]
