@@ -44,7 +44,14 @@ from loradrop_ds import checkpoint, config as config_lib, data as data_lib, dist
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
 from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
 from loradrop_ds.importance import Selection, compute_selection, lora_param_count, sharing_plan  # noqa: E402
-from loradrop_ds.lora import ImportanceRecorder, add_lora, lora_layers, tie_shared_lora, trainable_parameter_count  # noqa: E402
+from loradrop_ds.lora import (  # noqa: E402
+    ImportanceRecorder,
+    adapter_as_module_state,
+    add_lora,
+    tie_shared_lora,
+    trainable_parameter_count,
+    warm_start_kept,
+)
 from loradrop_ds.metrics import MetricsLogger, format_count  # noqa: E402
 from loradrop_ds.model import (  # noqa: E402
     BUILTIN_PREFIX,
@@ -159,7 +166,13 @@ def main(argv: list[str] | None = None) -> int:
         log.info("resuming from %s (%s stage, step %d)", resume_path, state.stage, state.step)
     distributed.barrier()  # every rank has read the checkpoints before rank 0 touches the directory
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            probe = out_dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise config_lib.ConfigError(f"output_dir={out_dir} is not writable ({e.strerror}); choose another") from e
         if state is not None:
             ckpt.truncate_metrics(out_dir, state.stage, state.step)
         elif (out_dir / "metrics.jsonl").exists():  # a run that died before its first checkpoint
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if state is not None and state.selection is not None:
         selection = Selection(**{k: v for k, v in state.selection.items() if k not in ("kept_layers", "shared_layers")})
         if cfg.loradrop.warm_start and state.stage == "sampling":
-            warm_state = _adapter_as_module_state(resume_path / "adapter")
+            warm_state = adapter_as_module_state(resume_path / "adapter")
     elif cfg.loradrop.enabled:
         selection, warm_state = sampling_stage(cfg, info, inputs, ds_config, logger, results, run_eval, new_state,
                                                maybe_die, resume_path if state is not None else None, state)
@@ -205,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if selection is not None:
         plan = sharing_plan(selection)
         if warm_state is not None:
-            _warm_start(model, warm_state, plan)
+            warm_start_kept(model, warm_state, plan)
         shared_users = tie_shared_lora(model, plan, cfg.loradrop.train_shared)
         log.info("shared LoRA users per module: %s", shared_users)
     trainable = trainable_parameter_count(model)
@@ -327,35 +340,12 @@ def sampling_stage(cfg, info, inputs: Inputs, ds_config, logger, results, run_ev
     return selection, warm_state
 
 
-def _adapter_as_module_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    """A saved PEFT adapter's weights keyed like ``gather_lora_state`` (with ``.default``)."""
-    from safetensors.torch import load_file
-
-    weights = load_file(adapter_dir / "adapter_model.safetensors")
-    return {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
-            for k, v in weights.items()}
-
-
-def _warm_start(model: torch.nn.Module, warm_state: dict[str, torch.Tensor], plan: dict) -> None:
-    """Copy the sampling-stage LoRA weights of kept (layer, module) pairs into the new
-    model (before DeepSpeed partitions it, so plain copies suffice)."""
-    layers = lora_layers(model, sorted({m for _, m in plan}))
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
-    with torch.no_grad():
-        for key, keep in plan.items():
-            if not keep:
-                continue
-            for p in layers[key].parameters():
-                if id(p) in names and names[id(p)] in warm_state:
-                    p.copy_(warm_state[names[id(p)]])
-
-
 def print_summary(summary: dict) -> None:
     def acc(d: dict) -> str:
         return f"{d['eval_accuracy']:.1%}" if "eval_accuracy" in d else "n/a"
 
     zero, final = summary.get("zero_shot", {}), summary.get("final", {})
-    lines = ["", "=== LoRA-drop run summary ==="]
+    lines = ["", "=== loradrop_ds run summary ==="]
     if zero or final:
         lines.append(f"accuracy: zero-shot {acc(zero)} -> final {acc(final)}   eval loss "
                      f"{zero.get('eval_loss', float('nan')):.4f} -> {final.get('eval_loss', float('nan')):.4f}")

@@ -143,6 +143,33 @@ def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_s
     return shared_users
 
 
+def warm_start_kept(model: nn.Module, warm_state: dict[str, torch.Tensor], plan: dict[tuple[int, str], bool]) -> None:
+    """Copy sampling-stage LoRA weights (``gather_lora_state`` names) into the kept
+    (layer, module) pairs of a fresh model; shared ones keep their fresh initialisation.
+    Call before tying and before DeepSpeed partitions the model (plain copies)."""
+    layers = lora_layers(model, sorted({m for _, m in plan}))
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    with torch.no_grad():
+        for key, keep in plan.items():
+            if not keep:
+                continue
+            for ab in (layers[key].lora_A[ADAPTER], layers[key].lora_B[ADAPTER]):
+                name = names[id(ab.weight)]
+                if name not in warm_state:
+                    raise KeyError(f"warm start: no sampling-stage weight for {name}")
+                ab.weight.copy_(warm_state[name])
+
+
+def adapter_as_module_state(adapter_dir) -> dict[str, torch.Tensor]:
+    """A saved PEFT adapter's weights keyed like ``gather_lora_state`` (with the adapter name)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    weights = load_file(Path(adapter_dir) / "adapter_model.safetensors")
+    return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{ADAPTER}.weight", k): v for k, v in weights.items()}
+
+
 def trainable_parameter_count(model: nn.Module) -> int:
     """Trainable elements, each shared parameter counted once (``parameters()`` dedups).
     Works under ZeRO-3, where a partitioned parameter's full size is ``ds_numel``."""

@@ -60,9 +60,12 @@ def _builtin_gguf(name: str) -> Path:
     raise ModelError(f"{dist_name} is installed but holds no {filename}; reinstall it")
 
 
+BUILTIN_FORMAT = "v2"  # bump when the conversion changes, so stale caches are rebuilt
+
+
 def builtin_model_dir(name: str) -> Path:
     """Where the converted builtin model lives (it may not exist yet)."""
-    return cache_dir() / name
+    return cache_dir() / f"{name}-{BUILTIN_FORMAT}"
 
 
 def prepare_builtin_model(name: str) -> Path:
@@ -83,7 +86,12 @@ def prepare_builtin_model(name: str) -> Path:
     log.info("converting builtin model %s from %s to %s (once)", name, gguf, out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights written below are plain fp32; a leftover GGUF quantization_config would
+    # make transformers treat the directory as quantized (and refuse to save merges of it).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))

@@ -95,3 +95,29 @@ def test_target_modules_are_checked_on_a_weightless_model(tiny_model):
     assert info.shapes == {"q_proj": (64, 64), "down_proj": (128, 64)}
     with pytest.raises(ModelError, match=r"lora.target_modules \['wq'\] not found in decoder layer 0; linear modules there are \["):
         describe_modules(config, ["q_proj", "wq"])
+
+
+def test_warm_start_copies_kept_lora_and_leaves_shared_fresh(tiny_model, peft_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loradrop_ds.checkpoint import gather_lora_state, save_adapter
+    from loradrop_ds.lora import adapter_as_module_state, warm_start_kept
+
+    sampled = gather_lora_state(peft_model)  # "sampling-stage" weights: B randomised
+    save_adapter(peft_model, tmp_path / "adapter", is_main=True)
+    from_disk = adapter_as_module_state(tmp_path / "adapter")
+    assert from_disk.keys() == sampled.keys()
+    assert all(torch.equal(from_disk[k], sampled[k]) for k in sampled)
+
+    fresh = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, alpha=8.0, dropout=0.0,
+                     target_modules=MODULES), seed=1)
+    plan = sharing_plan(hand_selection(4, MODULES, [1, 3]))
+    warm_start_kept(fresh, from_disk, plan)
+    tie_shared_lora(fresh, plan, train_shared=True)
+    now = dict(fresh.named_parameters(remove_duplicate=False))
+    for name, value in sampled.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        if layer in (1, 3):
+            assert torch.equal(now[name], value), name
+        elif "lora_B" in name:
+            assert torch.count_nonzero(now[name]) == 0, name  # the shared LoRA starts fresh: B = 0

@@ -27,8 +27,11 @@ def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, tmp_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    proc = run_ranks(TRAIN, tiny_args(tiny_model, out, f"loradrop.granularity={granularity}"))
-    assert "=== LoRA-drop run summary ===" in proc.stdout
+    # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
+    warm = "true" if granularity == "module" else "false"
+    proc = run_ranks(TRAIN, tiny_args(tiny_model, out, f"loradrop.granularity={granularity}",
+                                      f"loradrop.warm_start={warm}"))
+    assert "=== loradrop_ds run summary ===" in proc.stdout
 
     selection = json.loads((out / "selection.json").read_text())
     for key in ("raw_sums", "importance", "token_count", "kept_layers", "shared_layers", "threshold", "granularity"):
@@ -81,7 +84,7 @@ def _write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_file", "empty_dataset", "absent_target",
-                                  "sample_too_small", "bad_threshold", "bad_rank"])
+                                  "sample_too_small", "bad_threshold", "bad_rank", "unwritable_output"])
 def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
     out = tmp_path / "run"
     extra, expected = {
@@ -93,6 +96,8 @@ def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
                              "the sampling subset has 8 examples, fewer than one optimizer step needs"),
         "bad_threshold": (["loradrop.threshold=1.5"], "loradrop.threshold (T) must be in (0, 1]"),
         "bad_rank": (["lora.r=0"], "lora.r must be a positive integer"),
+        # A file where a directory should be: unwritable even for root.
+        "unwritable_output": ([f"output_dir={_write_jsonl(tmp_path / 'a_file', [])}/run"], "is not writable"),
     }[case]
     proc = run_python([str(TRAIN), *tiny_args(tiny_model, out, *extra)])
     assert proc.returncode == 2, proc.stderr[-3000:]

