@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from loradrop_ds import checkpoint, config as config_lib, data as data_lib, distributed  # noqa: E402
+from loradrop_ds import checkpoint, distributed  # noqa: E402
+from loradrop_ds import config as config_lib
+from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
 from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
 from loradrop_ds.importance import Selection, compute_selection, lora_param_count, sharing_plan  # noqa: E402
@@ -200,12 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     selection: Optional[Selection] = None
     warm_state: Optional[dict[str, torch.Tensor]] = None
     if state is not None and state.selection is not None:
-        selection = Selection(**{k: v for k, v in state.selection.items() if k not in ("kept_layers", "shared_layers")})
+        selection = Selection.from_dict(state.selection)
         if cfg.loradrop.warm_start and state.stage == "sampling":
             warm_state = adapter_as_module_state(resume_path / "adapter")
     elif cfg.loradrop.enabled:
         selection, warm_state = sampling_stage(cfg, info, inputs, ds_config, logger, results, run_eval, new_state,
                                                maybe_die, resume_path if state is not None else None, state)
+        gc.collect()  # the sampling model is unreachable now: free it before loading again
     if selection is not None and info.is_main:
         write_text_atomic(out_dir / "selection.json", selection.to_json())
         kept = set(selection.kept)
@@ -280,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(summary)
     logger.close()
     release_engine(engine)
-    del engine, model, hf_ds
     return 0
 
 
@@ -333,10 +335,8 @@ def sampling_stage(cfg, info, inputs: Inputs, ds_config, logger, results, run_ev
     maybe_die("selection", steps)
     warm_state = checkpoint.gather_lora_state(model) if cfg.loradrop.warm_start else None
 
-    # Free the sampling engine and model completely before the rebuild.
+    # Free the sampling engine; its model goes with this frame (collected by the caller).
     release_engine(engine)
-    del engine, model, recorder, hf_ds
-    gc.collect()
     return selection, warm_state
 
 

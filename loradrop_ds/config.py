@@ -242,7 +242,8 @@ def validate(cfg: Config) -> None:
     _check(lora.alpha > 0, f"lora.alpha must be > 0, got {lora.alpha}")
     _check(0.0 <= lora.dropout < 1.0, f"lora.dropout must be in [0, 1), got {lora.dropout}")
     _check(len(lora.target_modules) > 0, "lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
-    _check(len(set(lora.target_modules)) == len(lora.target_modules), f"lora.target_modules has duplicates: {lora.target_modules}")
+    _check(len(set(lora.target_modules)) == len(lora.target_modules),
+           f"lora.target_modules has duplicates: {lora.target_modules}")
     _check(0.0 < drop.threshold <= 1.0, f"loradrop.threshold (T) must be in (0, 1], got {drop.threshold}")
     _check(0.0 < drop.sample_ratio <= 1.0, f"loradrop.sample_ratio (alpha) must be in (0, 1], got {drop.sample_ratio}")
     _check(drop.sampling_steps >= 1, f"loradrop.sampling_steps must be >= 1, got {drop.sampling_steps}")

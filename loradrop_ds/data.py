@@ -13,9 +13,10 @@ import math
 import os
 import random
 import string
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 

@@ -57,12 +57,6 @@ class ExportSource:
     importance_png: Optional[Path]
 
 
-def _selection_from(d: Optional[dict]) -> Optional[Selection]:
-    if not d:
-        return None
-    return Selection(**{k: v for k, v in d.items() if k not in ("kept_layers", "shared_layers")})
-
-
 def open_source(path: str | os.PathLike) -> ExportSource:
     """A finished run directory, a checkpoint directory, or a run that has only checkpoints
     (its newest complete one is used)."""
@@ -74,8 +68,9 @@ def open_source(path: str | os.PathLike) -> ExportSource:
         if problem:
             raise ExportError(f"{path}: not a complete checkpoint: {problem}")
         state = ckpt.read_state(path)
-        return ExportSource(path, "checkpoint", path / "adapter", state.config, _selection_from(state.selection),
-                            state.results, state.base_model, None)
+        selection = Selection.from_dict(state.selection) if state.selection else None
+        return ExportSource(path, "checkpoint", path / "adapter", state.config, selection, state.results,
+                            state.base_model, None)
     if (path / "adapter" / "adapter_config.json").is_file() and (path / "config.yaml").is_file():
         config = yaml.safe_load((path / "config.yaml").read_text())
         sel = path / "selection.json"
@@ -85,7 +80,7 @@ def open_source(path: str | os.PathLike) -> ExportSource:
         base = newest[0][1].base_model if newest else {"path": config["model"]["path"], "config_sha256": None}
         png = path / "importance.png"
         return ExportSource(path, "run", path / "adapter", config,
-                            _selection_from(json.loads(sel.read_text())) if sel.is_file() else None,
+                            Selection.from_json(sel.read_text()) if sel.is_file() else None,
                             results, base, png if png.is_file() else None)
     found = ckpt.list_checkpoints(path, warn=True)
     if found:
@@ -244,7 +239,7 @@ def model_card(src: ExportSource, fmt: str) -> str:
         kept = set(src.selection.kept)
         lines += ["", "## Selection", "", "| item | importance | LoRA |", "|---|---|---|"]
         lines += [f"| {item} | {imp:.4f} | {'own' if item in kept else 'shared'} |"
-                  for item, imp in zip(src.selection.items, src.selection.importance)]
+                  for item, imp in zip(src.selection.items, src.selection.importance, strict=True)]
         if src.importance_png is not None:
             lines += ["", "![importance per layer](importance.png)"]
     metrics = {k: v for k, v in src.results.items() if k in ("zero_shot", "final") and v}
@@ -256,10 +251,12 @@ def model_card(src: ExportSource, fmt: str) -> str:
                   for name, v in metrics.items()]
     if fmt == "peft":
         lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
-                  "from peft import PeftModel", f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), REPO_OR_DIR)",
+                  "from peft import PeftModel",
+                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(\"{base}\"), REPO_OR_DIR)",
                   "```"]
     elif fmt == "compact":
-        lines += ["", "## Use", "", "Needs loradrop_ds (`loradrop_ds.export.load_compact`); for plain peft use the `peft` export.",
+        lines += ["", "## Use", "",
+                  "Needs loradrop_ds (`loradrop_ds.export.load_compact`); for plain peft use the `peft` export.",
                   "", "```python", "from transformers import AutoModelForCausalLM",
                   "from loradrop_ds.export import load_compact",
                   f"model = load_compact(AutoModelForCausalLM.from_pretrained(\"{base}\"), DIR)", "```"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -35,7 +36,7 @@ class ImportanceStats:
     token_counts: torch.Tensor
 
     @classmethod
-    def zeros(cls, num_layers: int, module_names: Sequence[str], device: torch.device | str = "cpu") -> "ImportanceStats":
+    def zeros(cls, num_layers: int, module_names: Sequence[str], device: torch.device | str = "cpu") -> ImportanceStats:
         shape = (num_layers, len(module_names))
         return cls(
             list(module_names),
@@ -52,7 +53,7 @@ class ImportanceStats:
         self.sq_norm_sums[layer, module] += sq_norm_sum.to(torch.float64)
         self.token_counts[layer, module] += tokens if isinstance(tokens, int) else tokens.to(torch.float64)
 
-    def merged(self, other: "ImportanceStats") -> "ImportanceStats":
+    def merged(self, other: ImportanceStats) -> ImportanceStats:
         assert self.module_names == other.module_names, (self.module_names, other.module_names)
         return ImportanceStats(self.module_names, self.sq_norm_sums + other.sq_norm_sums, self.token_counts + other.token_counts)
 
@@ -89,11 +90,13 @@ class Selection:
         return json.dumps(d, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Selection":
-        d = json.loads(text)
-        d.pop("kept_layers", None)
-        d.pop("shared_layers", None)
-        return cls(**d)
+    def from_dict(cls, d: dict) -> Selection:
+        """Inverse of ``json.loads(to_json())`` (the derived layer lists are dropped)."""
+        return cls(**{k: v for k, v in d.items() if k not in ("kept_layers", "shared_layers")})
+
+    @classmethod
+    def from_json(cls, text: str) -> Selection:
+        return cls.from_dict(json.loads(text))
 
     def fingerprint(self) -> str:
         """A digest of what the rebuild depends on, for the cross-rank agreement check."""

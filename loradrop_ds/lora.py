@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch import nn

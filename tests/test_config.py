@@ -1,10 +1,8 @@
 """Recipes: YAML + dotted overrides into typed dataclasses, with errors naming the key."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
-import yaml
 
 from loradrop_ds.config import Config, ConfigError, dump_yaml, load_config, parse_overrides
 

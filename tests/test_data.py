@@ -4,7 +4,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 from loradrop_ds.config import DataConfig
 from loradrop_ds.data import (
@@ -107,7 +106,7 @@ def test_batch_stream_partitions_each_epoch_across_ranks():
 def test_eval_batches_cover_every_example_once_with_equal_batch_counts():
     per_rank = [eval_batches(11, micro_batch_size=2, rank=r, world_size=3) for r in range(3)]
     assert len({len(b) for b in per_rank}) == 1  # same number of forwards on every rank
-    counted = Counter(i for batches in per_rank for idx, w in batches for i, wi in zip(idx, w) if wi > 0)
+    counted = Counter(i for batches in per_rank for idx, w in batches for i, wi in zip(idx, w, strict=True) if wi > 0)
     assert counted == {i: 1 for i in range(11)}
 
 

@@ -3,7 +3,6 @@ mid-main-stage, resumed with resume=auto, end exactly as an uninterrupted run.""
 
 import json
 import logging
-import os
 import shutil
 
 import pytest
@@ -27,9 +26,10 @@ def losses(out_dir):
 def assert_same_run(out, ref):
     got, want = losses(out), losses(ref)
     assert [(s, n) for s, n, _ in got] == [(s, n) for s, n, _ in want]
-    for (stage, step, a), (_, _, b) in zip(got, want):
+    for (stage, step, a), (_, _, b) in zip(got, want, strict=True):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7), (stage, step)
-    mine, theirs = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(ref / "adapter" / "adapter_model.safetensors")
+    mine = load_file(out / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(ref / "adapter" / "adapter_model.safetensors")
     assert mine.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-6, atol=1e-6)

@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, run_ranks
-from workers.common import TIED_KEPT_LAYERS as KEPT, hand_selection, randomize_lora_b, rank_batches, tiny_config
-
+from workers.common import TIED_KEPT_LAYERS as KEPT
+from workers.common import hand_selection, randomize_lora_b, rank_batches, tiny_config
 
 
 def reference_step(model_dir):
@@ -30,7 +30,7 @@ def reference_step(model_dir):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     opt.step()
     after = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False) if "lora_" in n}
-    return [float(l.detach()) for l in losses], grads, after, sum(p.numel() for p in params)
+    return [float(loss.detach()) for loss in losses], grads, after, sum(p.numel() for p in params)
 
 
 def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
@@ -40,7 +40,7 @@ def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
     meta = torch.load(tmp_path / "meta.pt", weights_only=True)
 
     ref_losses, ref_grads, ref_params, ref_unique = reference_step(tiny_model)
-    assert meta["losses"] == [pytest_approx(l) for l in ref_losses]
+    assert meta["losses"] == [pytest_approx(loss) for loss in ref_losses]
     # Shared parameters are counted once: 2 kept layers x 3 modules + 1 shared LoRA per module.
     assert meta["trainable"] == ref_unique
     assert meta["optimizer_numel"] >= ref_unique and meta["optimizer_numel"] - ref_unique < 64  # ZeRO pads partitions
@@ -48,12 +48,12 @@ def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
     shared_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
     assert shared_a in grads and ref_grads[shared_a].abs().sum() > 0  # the shared LoRA trains
     for name, ref in ref_grads.items():
-        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert set(params) == set(ref_params)
     # Adam's first step is lr * g / (|g| + eps): elements with |g| near eps amplify
     # float rounding, hence an absolute tolerance of 1e-6 at lr 1e-3.
     for name, ref in ref_params.items():
-        torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     # The tie survives the step: layers 0 and 2 hold the same shared values.
     torch.testing.assert_close(params[shared_a], params[shared_a.replace("layers.0", "layers.2")], rtol=0, atol=0)
 

@@ -9,11 +9,11 @@ import json
 import sys
 import weakref
 
-from workers.common import rank_batches, tiny_config
 from loradrop_ds import distributed
 from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda, release_engine
 from loradrop_ds.lora import add_lora
 from loradrop_ds.model import load_model, load_tokenizer
+from workers.common import rank_batches, tiny_config
 
 
 def build_and_step(cfg, ds_config, batch):

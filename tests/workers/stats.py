@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from workers.common import randomize_lora_b, rank_batches, tiny_config
 from loradrop_ds import distributed
 from loradrop_ds.distributed import SelectionMismatchError
 from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda
 from loradrop_ds.importance import compute_selection
 from loradrop_ds.lora import ImportanceRecorder, add_lora
 from loradrop_ds.model import load_model, load_tokenizer
+from workers.common import randomize_lora_b, rank_batches, tiny_config
 
 PER_RANK = 3
 

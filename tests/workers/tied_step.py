@@ -10,14 +10,13 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
-from workers.common import TIED_KEPT_LAYERS as KEPT, hand_selection, randomize_lora_b, rank_batches, tiny_config
 from loradrop_ds import checkpoint, distributed
 from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora, trainable_parameter_count
 from loradrop_ds.model import load_model, load_tokenizer
-
-
+from workers.common import TIED_KEPT_LAYERS as KEPT
+from workers.common import hand_selection, randomize_lora_b, rank_batches, tiny_config
 
 
 def main(model_dir: str, out_dir: str) -> None:
