@@ -129,3 +129,13 @@ def test_load_records_errors(tmp_path):
         load_records(str(tmp_path / "d.csv"), "data.train_file")
     (tmp_path / "ok.jsonl").write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
     assert load_records(str(tmp_path / "ok.jsonl"), "k") == [{"q": "x", "a": "y"}]
+
+
+def test_load_records_reads_parquet_and_json_arrays(tmp_path):
+    import datasets
+
+    rows = [{"q": "x", "a": "y"}, {"q": "z", "a": "w"}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    assert load_records(str(tmp_path / "d.parquet"), "k") == rows
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    assert load_records(str(tmp_path / "d.json"), "k") == rows
