@@ -26,10 +26,10 @@ class StageResult:
     seconds: float
 
 
-def _mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / dist.get_world_size()).tolist()
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    total = value.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total) / dist.get_world_size()
 
 
 def train_stage(
@@ -64,21 +64,23 @@ def train_stage(
     start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, steps + 1):
-        step_loss = 0.0
+        # The loss stays on the device until the one all-reduce per step: no host sync
+        # per micro-batch.
+        step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
         for _ in range(grad_accum):
             batch = collate([examples[i] for i in next(stream)], pad_id)
-            batch = {k: v.to(info.device) for k, v in batch.items()}
+            n = int(batch["attention_mask"].sum())  # counted on the host, before the copy
+            window_tokens += n
+            tokens_total += n
+            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
             record = recorder.recording(batch["attention_mask"]) if recorder else contextlib.nullcontext()
             with record:
                 out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              labels=batch["labels"])
             engine.backward(out.loss)
             engine.step()
-            step_loss += out.loss.detach().float().item() / grad_accum
-            n = int(batch["attention_mask"].sum())
-            window_tokens += n
-            tokens_total += n
-        mean_loss = _mean_over_ranks([step_loss], info.device)[0]
+            step_loss += out.loss.detach().to(torch.float64) / grad_accum
+        mean_loss = _mean_over_ranks(step_loss)
         losses.append(mean_loss)
         if step % log_every == 0 or step == steps:
             now = time.perf_counter()
