@@ -122,7 +122,6 @@ def release_engine(engine: Any) -> None:
         cached = getattr(cached, "__wrapped__", None)
     if cached is not None:
         cached.cache_clear()
-    del module, engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -281,9 +281,10 @@ def truncate_metrics(out_dir: Path, stage: str, step: int) -> None:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by the kill
+        # zero_shot belongs before sampling; eval records belong to the main stage.
         rec_stage = rec.get("stage")
         order = STAGES.index(rec_stage) if rec_stage in STAGES else (0 if rec_stage == "zero_shot" else 1)
-        if (order, rec.get("step", 0)) <= limit or (rec_stage == "zero_shot"):
+        if (order, rec.get("step", 0)) <= limit:
             kept.append(line)
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
