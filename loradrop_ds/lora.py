@@ -115,12 +115,20 @@ def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_s
     """Make every (layer, module) that the plan does not keep use one shared LoRA per
     module type.
 
-    The shared LoRA is the LoRA A/B module pair of the first shared layer, placed
-    (the same ``nn.Linear`` objects) into every other shared layer. The parameters are
-    therefore the same tensors everywhere: autograd adds the gradients of every use,
-    the optimizer sees each once, and ``state_dict`` writes them under every layer that
-    uses them (the standard, materialised PEFT adapter). Must run before
-    ``deepspeed.initialize`` so ZeRO-3 partitions each shared parameter once.
+    The shared LoRA is the A and B weights of the first shared layer; every other shared
+    layer's ``lora_A``/``lora_B`` modules are kept but their ``weight`` becomes that same
+    ``nn.Parameter``. Autograd adds the gradients of every use, the optimizer sees each
+    parameter once, and ``state_dict`` writes it under every layer that uses it (the
+    standard, materialised PEFT adapter). Must run before ``deepspeed.initialize`` so
+    ZeRO-3 partitions each shared parameter once.
+
+    Why the parameter and not the module: ZeRO-3 registers its four hooks on every module
+    it visits, and its registration (``parameter_offload._register_deepspeed_module``,
+    DeepSpeed 0.19.8) does not de-duplicate, so one ``nn.Linear`` placed in k layers got
+    4k hooks, all firing at each of its k uses. Separate modules that share a parameter
+    keep 4 hooks each, like a kept LoRA; with the LoRA parameters under
+    ``stage3_param_persistence_threshold`` (the "auto" value, see ``engine.py``) the shared
+    weights also stay resident instead of being gathered at every use.
 
     Returns ``{module type: [layers sharing it]}``.
     """
@@ -133,15 +141,43 @@ def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_s
         shared_users.setdefault(module_name, []).append(layer)
     for module_name, users in shared_users.items():
         owner = layers[(users[0], module_name)]
-        shared_a, shared_b = owner.lora_A[ADAPTER], owner.lora_B[ADAPTER]
+        shared_a, shared_b = owner.lora_A[ADAPTER].weight, owner.lora_B[ADAPTER].weight
         for layer in users[1:]:
             target = layers[(layer, module_name)]
-            target.lora_A[ADAPTER] = shared_a
-            target.lora_B[ADAPTER] = shared_b
+            target.lora_A[ADAPTER].weight = shared_a
+            target.lora_B[ADAPTER].weight = shared_b
         if not train_shared:
-            shared_a.weight.requires_grad_(False)
-            shared_b.weight.requires_grad_(False)
+            shared_a.requires_grad_(False)
+            shared_b.requires_grad_(False)
     return shared_users
+
+
+def strip_lora(model: nn.Module) -> nn.Module:
+    """The base model of a peft LoRA model, with every LoRA layer removed and nothing
+    merged (peft's ``unload``): under ZeRO-3 its frozen parameters stay partitioned, so
+    the main stage can be built on the sampling stage's base without reading it again.
+    Call after the model's engine is released (``engine.release_engine(keep_model=True)``)."""
+    base = model.unload()
+    # peft re-registers its input-embedding hook (for activation checkpointing) on the
+    # next wrap; drop the old one so the rebuilt model has exactly the hooks of a fresh one.
+    if hasattr(base, "disable_input_require_grads"):
+        base.disable_input_require_grads()
+    return base
+
+
+def build_main_lora(base: nn.Module, cfg: LoraConfig, seed: int, plan: Optional[dict[tuple[int, str], bool]],
+                    train_shared: bool, warm_state: Optional[dict[str, torch.Tensor]] = None) -> tuple[nn.Module, dict]:
+    """The main stage's LoRA on ``base`` (fresh from disk, or the sampling stage's base
+    after :func:`strip_lora`): fresh LoRA everywhere (seeded), kept LoRAs optionally
+    warm-started from ``warm_state``, and, with a ``plan``, the shared LoRA tied in.
+    Returns ``(peft model, {module type: shared layers})``."""
+    model = add_lora(base, cfg, seed)
+    shared_users: dict[str, list[int]] = {}
+    if plan is not None:
+        if warm_state is not None:
+            warm_start_kept(model, warm_state, plan)
+        shared_users = tie_shared_lora(model, plan, train_shared)
+    return model, shared_users
 
 
 def warm_start_kept(model: nn.Module, warm_state: dict[str, torch.Tensor], plan: dict[tuple[int, str], bool]) -> None:

@@ -121,15 +121,19 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-def resolve_attn_implementation(requested: str, device_type: str) -> str:
-    """flash_attention_2 needs flash-attn and CUDA; fall back to sdpa otherwise."""
+def resolve_attn_implementation(requested: str, device_type: str, dtype: str) -> str:
+    """flash_attention_2 needs flash-attn, CUDA and a half-precision model: flash-attn has
+    no fp32 kernels, and transformers only warns when asked for it on an fp32 model, then
+    the kernel fails mid-forward. ``auto`` picks it only when all three hold, else sdpa."""
     has_flash = importlib.util.find_spec("flash_attn") is not None
+    half = dtype in ("bfloat16", "float16")
     if requested == "auto":
-        return "flash_attention_2" if (has_flash and device_type == "cuda") else "sdpa"
-    if requested == "flash_attention_2" and not (has_flash and device_type == "cuda"):
+        return "flash_attention_2" if (has_flash and device_type == "cuda" and half) else "sdpa"
+    if requested == "flash_attention_2" and not (has_flash and device_type == "cuda" and half):
         raise ModelError(
-            "model.attn_implementation=flash_attention_2 needs the flash-attn package and a CUDA device "
-            f"(found flash-attn: {has_flash}, device: {device_type}); use auto or sdpa"
+            "model.attn_implementation=flash_attention_2 needs the flash-attn package, a CUDA device and "
+            f"model.dtype=bfloat16 (found flash-attn: {has_flash}, device: {device_type}, dtype: {dtype}); "
+            "use auto or sdpa"
         )
     return requested
 
@@ -151,6 +155,9 @@ class ModuleInfo:
     num_layers: int
     # target module type -> (in_features, out_features); same in every layer.
     shapes: dict[str, tuple[int, int]]
+    hidden_size: int
+    # the largest nn.Linear weight of any decoder layer (sizes ZeRO-3's prefetch bucket)
+    largest_weight_numel: int
 
 
 def describe_modules(model_config: Any, target_modules: list[str], trust_remote_code: bool = False) -> ModuleInfo:
@@ -176,6 +183,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def module_info(model: torch.nn.Module, target_modules: list[str]) -> ModuleInfo:
     layers = decoder_layers(model)
     shapes: dict[str, tuple[int, int]] = {}
+    largest = max((m.in_features * m.out_features for m in layers.modules() if isinstance(m, torch.nn.Linear)),
+                  default=0)
     for i, layer in enumerate(layers):
         found = {}
         for name, module in layer.named_modules():
@@ -192,7 +201,8 @@ def module_info(model: torch.nn.Module, target_modules: list[str]) -> ModuleInfo
         for m, shape in found.items():
             if shapes.setdefault(m, shape) != shape:
                 raise ModelError(f"{m} has shape {shape} in layer {i} but {shapes[m]} in layer 0: cannot share one LoRA")
-    return ModuleInfo(num_layers=len(layers), shapes=shapes)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or max(i for i, _ in shapes.values())
+    return ModuleInfo(num_layers=len(layers), shapes=shapes, hidden_size=int(hidden), largest_weight_numel=largest)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -230,7 +240,7 @@ def load_model(cfg: ModelConfig, ds_config: Optional[dict], device_type: str) ->
     hf_ds_config = None
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-    attn = resolve_attn_implementation(cfg.attn_implementation, device_type)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device_type, cfg.dtype)
     log.info("attention implementation: %s", attn)
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(cfg.path),

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -94,10 +95,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 # ------------------------------------------------------------------------- writing
 
 
-def _manifest(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def _fsync_write(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -105,45 +102,98 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _sizes(root: Path, files: list[Path]) -> dict[str, int]:
+    return {str(f.relative_to(root)): f.stat().st_size for f in files}
+
+
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _deepspeed_files(tmp: Path, rank: int, is_main: bool) -> list[Path]:
+    """The files of DeepSpeed's checkpoint that this rank wrote: its own
+    ``zero_pp_rank_<R>_*`` model and optimizer states under ``ds/``, and on rank 0 the
+    shared ones (files under ``ds/`` without a rank, and the ``zero_to_fp32.py`` scripts
+    DeepSpeed copies next to ``ds/``). A rank lists only what it wrote itself, which it
+    always sees, whatever the shared filesystem shows yet of the other ranks' files. Only
+    ``ds/`` and the top level are scanned: the other ranks write into ``rng/``, ``stats/``
+    and (rank 0) ``adapter/`` meanwhile."""
+    own = []
+    candidates = sorted((tmp / "ds").rglob("*")) + (sorted(tmp.iterdir()) if is_main else [])
+    for f in candidates:
+        if not f.is_file():
+            continue
+        m = _RANK_FILE.search(f.name)
+        if (m is not None and int(m.group(1)) == rank) or (m is None and is_main):
+            own.append(f)
+    return own
+
+
 def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, keep_last: int,
-                        stats: Optional[ImportanceStats] = None) -> Path:
-    """Write a checkpoint of the current engine and run state. Call on every rank."""
+                        stats: Optional[ImportanceStats] = None,
+                        on_point: Optional[Callable[[str], None]] = None) -> Path:
+    """Write a checkpoint of the current engine and run state. Call on every rank.
+
+    Every rank writes its own files and reports their sizes; rank 0 builds the manifest
+    from those reports (not from a listing of the shared directory, where another node's
+    files may not be visible yet), writes it last and renames the directory into place.
+    A failure on any rank is raised on every rank (``run_on_every_rank``).
+    ``on_point(name)`` is called on every rank at "before-marker" and "before-rename"
+    (test fault injection).
+    """
     from . import distributed
     from .checkpoint import gather_lora_state, save_adapter
 
     root = Path(out_dir) / CHECKPOINTS
     name = checkpoint_name(state.stage, state.step)
     tmp, final = root / f".tmp-{name}", root / name
-    if info.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-        (tmp / "stats").mkdir()
-    distributed.barrier()
+    point = on_point or (lambda _: None)
 
+    def make_tmp() -> None:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "rng").mkdir(parents=True)
+            (tmp / "stats").mkdir()
+
+    distributed.run_on_every_rank(info, "checkpoint", make_tmp)
     engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
-    rng = {"cpu": torch.get_rng_state()}
-    if info.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(info.device)
-    torch.save(rng, tmp / "rng" / f"rank{info.rank}.pt")
-    if stats is not None:
-        from safetensors.torch import save_file
+    adapter_state = gather_lora_state(engine.module, copy_here=info.is_main)  # collective
 
-        save_file({"sq_norm_sums": stats.sq_norm_sums.detach().cpu(), "token_counts": stats.token_counts.detach().cpu()},
-                  tmp / "stats" / f"rank{info.rank}.safetensors",
-                  metadata={"module_names": json.dumps(stats.module_names)})
-    adapter_state = gather_lora_state(engine.module)  # collective
-    distributed.barrier()  # every rank's files are on disk
+    def write_rank_files() -> dict[str, int]:
+        written = _deepspeed_files(tmp, info.rank, info.is_main)
+        rng = {"cpu": torch.get_rng_state()}
+        if info.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(info.device)
+        written.append(tmp / "rng" / f"rank{info.rank}.pt")
+        torch.save(rng, written[-1])
+        if stats is not None:
+            from safetensors.torch import save_file
 
-    if info.is_main:
-        save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
-        _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
-        _fsync_write(tmp / MARKER, json.dumps({"name": name, "files": _manifest(tmp)}, indent=2))
+            written.append(tmp / "stats" / f"rank{info.rank}.safetensors")
+            save_file({"sq_norm_sums": stats.sq_norm_sums.detach().cpu(),
+                       "token_counts": stats.token_counts.detach().cpu()},
+                      written[-1], metadata={"module_names": json.dumps(stats.module_names)})
+        if info.is_main:
+            adapter = save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
+            _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
+            written += [f for f in sorted(adapter.rglob("*")) if f.is_file()] + [tmp / "state.json"]
+        return _sizes(tmp, written)
+
+    per_rank = distributed.run_on_every_rank(info, "checkpoint", write_rank_files, gather=True)
+    point("before-marker")
+
+    def publish() -> None:
+        if not info.is_main:
+            return
+        files = {rel: size for rank_files in per_rank for rel, size in rank_files.items()}
+        _fsync_write(tmp / MARKER, json.dumps({"name": name, "files": dict(sorted(files.items()))}, indent=2))
+        point("before-rename")
         if final.exists():  # a re-save of the same step (after a resume): replace it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
         prune_checkpoints(root, keep_last)
         log.info("checkpoint written: %s", final)
-    distributed.barrier()
+
+    distributed.run_on_every_rank(info, "checkpoint", publish)
     return final
 
 
@@ -222,6 +272,9 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[tuple[Path, R
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+    if not _NAME.match(path.name):
+        raise CheckpointError(f"resume={resume}: not a checkpoint directory (names look like "
+                              f"{checkpoint_name('main', 25)}; .tmp-* directories are unfinished writes)")
     problem = verify_checkpoint(path)
     if problem:
         raise CheckpointError(f"resume={resume}: not a complete checkpoint: {problem}")

@@ -57,12 +57,14 @@ def train_stage(
     """
     engine.train()
     grad_accum = engine.gradient_accumulation_steps()
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
     losses: list[float] = []
     tokens_total = 0
     bar = progress_bar(steps, desc=stage, enabled=info.is_main)
     bar.update(start_step)
     start = window_start = time.perf_counter()
-    window_tokens = 0
+    window_tokens = window_steps = 0
     for step in range(start_step + 1, steps + 1):
         # The loss stays on the device until the one all-reduce per step: no host sync
         # per micro-batch.
@@ -80,8 +82,9 @@ def train_stage(
             engine.backward(out.loss)
             engine.step()
             step_loss += out.loss.detach().to(torch.float64) / grad_accum
-        mean_loss = _mean_over_ranks(step_loss)
+        mean_loss = _mean_over_ranks(step_loss)  # also a sync point: step times below are whole steps
         losses.append(mean_loss)
+        window_steps += 1
         if step % log_every == 0 or step == steps:
             now = time.perf_counter()
             record_ = {
@@ -89,16 +92,28 @@ def train_stage(
                 "loss": mean_loss,
                 "lr": engine.get_lr()[0],
                 "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
+                "seconds_per_step": (now - window_start) / window_steps,
                 "grad_norm": _grad_norm(engine),
+                "peak_memory_gib": peak_memory_gib(info.device),
             }
             logger.log(record_, step=step)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
-            window_start, window_tokens = now, 0
+            window_start, window_tokens, window_steps = now, 0, 0
         bar.update(1)
         if on_step is not None:
             on_step(step, mean_loss)
     bar.close()
     return StageResult(steps - start_step, losses, tokens_total, time.perf_counter() - start)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: CUDA memory allocated since the stage began on GPUs; the
+    process's peak resident set (since it started) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
 def _grad_norm(engine: Any) -> Optional[float]:

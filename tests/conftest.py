@@ -51,6 +51,50 @@ def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: int 
     return proc
 
 
+def run_two_nodes(script: str | Path, args: list[list[str]], envs: list[dict] | None = None,
+                  timeout: int = 240, wait_for: tuple[int, ...] = (0, 1)) -> list[subprocess.CompletedProcess]:
+    """Two launchers, as on two machines: ``torchrun --nnodes 2 --node_rank R
+    --nproc_per_node 1`` on the loopback address, each with its own arguments and
+    environment, so neither launcher can kill the other's rank. The nodes in
+    ``wait_for`` must end within ``timeout`` seconds (a rank left waiting for a failed one
+    would not); the others are killed then and their result has returncode None."""
+    port = _free_port()
+    procs = []
+    for node, node_args in enumerate(args):
+        env = subprocess_env()
+        env.update((envs or [{}, {}])[node])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
+               "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *node_args]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results: list = [None, None]
+    try:
+        for node in wait_for:
+            out, err = procs[node].communicate(timeout=timeout)
+            results[node] = subprocess.CompletedProcess(procs[node].args, procs[node].returncode, out, err)
+    finally:
+        for node, proc in enumerate(procs):
+            if proc.poll() is None:
+                # SIGTERM: torchrun then terminates its worker (which runs in a session of
+                # its own, out of reach of a kill of the launcher's group).
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            if results[node] is None:
+                out, err = proc.communicate()
+                results[node] = subprocess.CompletedProcess(proc.args, None, out, err)
+    return results
+
+
+def worker_exit_code(launcher_output: str) -> int | None:
+    """The exit code torchrun reports for its (one) failed worker, or None if none failed."""
+    import re
+
+    m = re.search(r"exitcode\s*:\s*(-?\d+)", launcher_output)
+    return int(m.group(1)) if m else None
+
+
 def run_python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """A single process, as a user would run ``python launch/train.py ...``."""
     env = subprocess_env()

@@ -4,22 +4,47 @@ import json
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, run_ranks
 from loradrop_ds.config import ConfigError, load_config
-from loradrop_ds.engine import load_ds_config, lr_lambda
+from loradrop_ds.engine import SizeHints, load_ds_config, lr_lambda
+
+# SmolLM2-135M-like and Llama-3-70B dimensions; LoRA r = 16 on every linear module.
+SMALL = SizeHints(hidden_size=576, largest_weight_numel=576 * 1536, largest_lora_numel=16 * 1536)
+LLAMA70B = SizeHints(hidden_size=8192, largest_weight_numel=8192 * 28672, largest_lora_numel=16 * 28672)
 
 
 def test_ds_config_auto_values_come_from_the_recipe():
     cfg = load_config(None, ["train.micro_batch_size=3", "train.grad_accum=5", "train.max_grad_norm=0.5",
                              "model.dtype=bfloat16"])
-    ds = load_ds_config(cfg, world_size=4)
+    ds = load_ds_config(cfg, world_size=4, hints=SMALL)
     assert ds["train_micro_batch_size_per_gpu"] == 3
     assert ds["gradient_accumulation_steps"] == 5
     assert ds["train_batch_size"] == 60
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3
+    # fp32 LoRA gradients are reduced in fp32 on a bf16 base, not in DeepSpeed's default bf16.
+    assert ds["communication_data_type"] == "fp32"
+
+
+def test_zero3_sizes_follow_the_model():
+    """Hand-worked: hidden^2 reduce bucket; prefetch bucket 0.9 hidden^2 but at least one
+    whole layer weight (a 70B MLP weight is 8192 x 28672); persistence 10 x hidden but at
+    least the largest LoRA matrix, so every LoRA parameter stays resident."""
+    zero = load_ds_config(load_config(None), 8, LLAMA70B)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 8192 * 8192
+    assert zero["stage3_prefetch_bucket_size"] == 8192 * 28672 > 0.9 * 8192 * 8192
+    assert zero["stage3_param_persistence_threshold"] == 16 * 28672 > 10 * 8192
+    assert zero["stage3_param_persistence_threshold"] < 8192 * 1024  # k_proj, the smallest base weight, stays sharded
+    zero = load_ds_config(load_config(None), 8, SizeHints(576, 576 * 192, 8 * 576))["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 576 * 576)  # no weight above 0.9 hidden^2
+    assert zero["stage3_param_persistence_threshold"] == 10 * 576  # every LoRA matrix is below 10 x hidden
+    # A concrete value in the JSON wins over the rule (the test config partitions everything).
+    tiny = load_ds_config(load_config(None, ["deepspeed=ds_configs/zero3_tiny.json"]), 2, SMALL)
+    assert tiny["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
 def test_ds_config_contradictions_are_errors(tmp_path):
@@ -28,18 +53,27 @@ def test_ds_config_contradictions_are_errors(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 contradicts"):
-        load_ds_config(load_config(None, [f"deepspeed={path}"]), 1)
+        load_ds_config(load_config(None, [f"deepspeed={path}"]), 1, SMALL)
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="stage is 2"):
-        load_ds_config(load_config(None, [f"deepspeed={path}"]), 1)
+        load_ds_config(load_config(None, [f"deepspeed={path}"]), 1, SMALL)
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object of settings, got list"):
+        load_ds_config(load_config(None, [f"deepspeed={path}"]), 1, SMALL)
     with pytest.raises(ConfigError, match="no such file"):
-        load_ds_config(load_config(None, ["deepspeed=ds_configs/missing.json"]), 1)
+        load_ds_config(load_config(None, ["deepspeed=ds_configs/missing.json"]), 1, SMALL)
 
 
-@pytest.mark.parametrize("name", ["zero3.json", "zero3_tiny.json", "zero3_offload_param.json"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "ds_configs").glob("*.json")))
 def test_shipped_ds_configs_resolve(name):
-    ds = load_ds_config(load_config(None, [f"deepspeed=ds_configs/{name}"]), 8)
+    ds = load_ds_config(load_config(None, [f"deepspeed=ds_configs/{name}"]), 8, LLAMA70B)
     assert ds["train_batch_size"] == 8 * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
+    assert "auto" not in json.dumps(ds)
+
+
+def test_float16_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="model.dtype=float16 is not supported.*use model.dtype=bfloat16"):
+        load_config(None, ["model.dtype=float16"])
 
 
 def test_lr_schedule_hand_worked():
@@ -53,21 +87,52 @@ def test_lr_schedule_hand_worked():
     assert lr_lambda("constant", 2, 10, 0.0)(7) == 1.0
 
 
-def test_rebuild_frees_the_first_engines_model(tiny_model, tmp_path):
-    run_ranks(REPO / "tests" / "workers" / "rebuild.py", [str(tiny_model), str(tmp_path)])
-    result = json.loads((tmp_path / "rebuild.json").read_text())
-    assert result["freed"] is True, result
-    assert result["fwd_module_stack"] == 0
-    assert math.isfinite(result["second_loss"])
+def _rebuild(tiny_model, tmp_path, mode):
+    import shutil
+
+    model_dir = tmp_path / f"model-{mode}"
+    shutil.copytree(tiny_model, model_dir)  # the in-place mode moves the weight files away
+    out = tmp_path / mode
+    out.mkdir()
+    run_ranks(REPO / "tests" / "workers" / "rebuild.py", [str(model_dir), str(out), mode])
+    return json.loads((out / "rebuild.json").read_text()), load_file(out / "adapter.safetensors")
+
+
+def test_in_place_rebuild_equals_reloading_the_base(tiny_model, tmp_path):
+    """The main stage built on the sampling stage's partitioned base trains exactly as
+    one built on a base loaded again from disk (fp32, 2 ranks, dropout on), without
+    reading the weight files again (they are moved away after the first load), with the
+    sampling LoRA and optimizer freed and no DeepSpeed state left behind."""
+    inplace, adapter = _rebuild(tiny_model, tmp_path, "inplace")
+    reload, ref_adapter = _rebuild(tiny_model, tmp_path, "reload")
+    assert inplace["sampling_losses"] == reload["sampling_losses"]
+    assert inplace["main_losses"] == pytest.approx(reload["main_losses"], rel=1e-6, abs=1e-7)
+    assert adapter.keys() == ref_adapter.keys()
+    for k in ref_adapter:
+        torch.testing.assert_close(adapter[k], ref_adapter[k], rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    assert inplace["same_base_objects"] is True and reload["same_base_objects"] is False
+    # Memory is flat: the sampling LoRA and its optimizer are gone, nothing partitioned
+    # outlives the rebuild but the main model, and ZeRO-3 registered the same hooks as on
+    # a fresh model.
+    assert inplace["freed"]["lora"] and inplace["freed"]["optimizer"], inplace["freed"]
+    assert inplace["zero_params_not_in_main_model"] == 0
+    assert inplace["fwd_module_stack"] == 0
+    assert inplace["hooks"] == reload["hooks"]
+
+
+def test_rebuild_by_reload_frees_the_first_engines_model(tiny_model, tmp_path):
+    result, _ = _rebuild(tiny_model, tmp_path, "reload")
+    assert result["freed"] == {"lora": True, "optimizer": True, "model": True}, result
+    assert result["fwd_module_stack"] == 0 and result["zero_params_not_in_main_model"] == 0
+    assert all(math.isfinite(x) for x in result["main_losses"])
 
 
 def test_rebuild_leak_is_visible_without_release(tiny_model, tmp_path):
     """Control: with DeepSpeed's plain destroy() the first model stays alive, so the
-    check above can fail. If a DeepSpeed release fixes the leak this test says so."""
+    checks above can fail. If a DeepSpeed release fixes the leak this test says so."""
     import deepspeed
 
-    run_ranks(REPO / "tests" / "workers" / "rebuild.py", [str(tiny_model), str(tmp_path), "--plain-destroy"])
-    result = json.loads((tmp_path / "rebuild.json").read_text())
-    assert result["freed"] is False, (
+    result, _ = _rebuild(tiny_model, tmp_path, "plain-destroy")
+    assert result["freed"]["model"] is False and result["zero_params_not_in_main_model"] > 0, (
         f"deepspeed {deepspeed.__version__} no longer leaks the model on destroy(); "
         "release_engine's workaround may be dropped")

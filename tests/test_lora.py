@@ -59,7 +59,7 @@ def test_recorder_counts_only_recorded_forwards_and_real_tokens(peft_model):
     torch.testing.assert_close(rec.stats.sq_norm_sums, 2 * once)
 
 
-def test_tied_lora_shares_modules_and_counts_parameters_once(peft_model):
+def test_tied_lora_shares_parameters_not_modules_and_counts_them_once(peft_model):
     before = trainable_parameter_count(peft_model)
     per_layer = before // 4
     plan = sharing_plan(hand_selection(4, MODULES, [1, 3]))
@@ -67,8 +67,11 @@ def test_tied_lora_shares_modules_and_counts_parameters_once(peft_model):
     assert users == {m: [0, 2] for m in MODULES}
     layers = lora_layers(peft_model, MODULES)
     for m in MODULES:
-        assert layers[(0, m)].lora_A["default"] is layers[(2, m)].lora_A["default"]
-        assert layers[(1, m)].lora_A["default"] is not layers[(3, m)].lora_A["default"]
+        for ab in ("lora_A", "lora_B"):
+            shared0, shared2 = getattr(layers[(0, m)], ab)["default"], getattr(layers[(2, m)], ab)["default"]
+            # One parameter, two modules: ZeRO-3 registers each module once (see tie_shared_lora).
+            assert shared0 is not shared2 and shared0.weight is shared2.weight
+            assert getattr(layers[(1, m)], ab)["default"].weight is not getattr(layers[(3, m)], ab)["default"].weight
     assert trainable_parameter_count(peft_model) == 3 * per_layer  # 2 kept + 1 shared
 
     # Gradients of a shared weight are the sum over its uses.
@@ -122,3 +125,36 @@ def test_warm_start_copies_kept_lora_and_leaves_shared_fresh(tiny_model, peft_mo
             assert torch.equal(now[name], value), name
         elif "lora_B" in name:
             assert torch.count_nonzero(now[name]) == 0, name  # the shared LoRA starts fresh: B = 0
+
+
+def test_strip_lora_gives_back_the_base_model_unchanged(tiny_model):
+    """The rebuild's first half without DeepSpeed: LoRA removed, nothing merged, the same
+    base parameter objects, and a fresh LoRA on it equals a fresh LoRA on a newly loaded
+    base (same seed)."""
+    from transformers import AutoModelForCausalLM
+
+    from loradrop_ds.lora import build_main_lora, strip_lora
+
+    cfg = LoraConfig(r=4, alpha=8.0, dropout=0.0, target_modules=MODULES)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).requires_grad_(False)
+    base_params = {n: id(p) for n, p in base.named_parameters()}
+    sampled = add_lora(base, cfg, seed=0)
+    with torch.no_grad():
+        for n, p in sampled.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # trained: stripping must not merge this into the base
+    stripped = strip_lora(sampled)
+    assert not any("lora_" in n for n, _ in stripped.named_parameters())
+    assert {n: id(p) for n, p in stripped.named_parameters()} == base_params  # same objects, same names
+    plan = sharing_plan(hand_selection(4, MODULES, [1, 3]))
+    rebuilt, users = build_main_lora(stripped, cfg, seed=5, plan=plan, train_shared=True)
+    fresh, _ = build_main_lora(AutoModelForCausalLM.from_pretrained(tiny_model).requires_grad_(False), cfg, seed=5,
+                               plan=plan, train_shared=True)
+    assert users == {m: [0, 2] for m in MODULES}
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=0, atol=0)
+    got, want = dict(rebuilt.named_parameters()), dict(fresh.named_parameters())
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n]), n

@@ -9,14 +9,30 @@ from loradrop_ds.model import ModelError, _builtin_gguf, prepare_builtin_model, 
 
 
 def test_attention_falls_back_to_sdpa_without_flash_attn_or_cuda():
-    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
-    assert resolve_attn_implementation("eager", "cpu") == "eager"
+    assert resolve_attn_implementation("auto", "cpu", "float32") == "sdpa"
+    assert resolve_attn_implementation("eager", "cpu", "float32") == "eager"
     if importlib.util.find_spec("flash_attn") is None:
-        assert resolve_attn_implementation("auto", "cuda") == "sdpa"
-        with pytest.raises(ModelError, match="needs the flash-attn package and a CUDA device"):
-            resolve_attn_implementation("flash_attention_2", "cuda")
-    with pytest.raises(ModelError, match="needs the flash-attn package and a CUDA device"):
-        resolve_attn_implementation("flash_attention_2", "cpu")
+        assert resolve_attn_implementation("auto", "cuda", "bfloat16") == "sdpa"
+        with pytest.raises(ModelError, match="needs the flash-attn package, a CUDA device and model.dtype=bfloat16"):
+            resolve_attn_implementation("flash_attention_2", "cuda", "bfloat16")
+    with pytest.raises(ModelError, match="needs the flash-attn package, a CUDA device"):
+        resolve_attn_implementation("flash_attention_2", "cpu", "bfloat16")
+
+
+@pytest.mark.parametrize("dtype, auto_choice", [("bfloat16", "flash_attention_2"), ("float32", "sdpa")])
+def test_flash_attention_only_for_half_precision(monkeypatch, dtype, auto_choice):
+    """flash-attn has no fp32 kernels: with flash-attn importable on CUDA, auto picks it
+    for bf16 only, and asking for it on an fp32 model is refused before loading."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real_find_spec(name, *a))
+    assert resolve_attn_implementation("auto", "cuda", dtype) == auto_choice
+    assert resolve_attn_implementation("auto", "cpu", dtype) == "sdpa"
+    if dtype == "float32":
+        with pytest.raises(ModelError, match="dtype: float32"):
+            resolve_attn_implementation("flash_attention_2", "cuda", dtype)
+    else:
+        assert resolve_attn_implementation("flash_attention_2", "cuda", dtype) == "flash_attention_2"
 
 
 def test_builtin_model_converts_to_a_plain_checkpoint_with_the_gguf_logits(tmp_path, monkeypatch):

@@ -114,3 +114,51 @@ def test_resume_refuses_other_settings_world_size_and_never(tiny_model, referenc
     # Nothing was overwritten by the refused runs.
     assert [p.name for p, _ in ckpt.list_checkpoints(run)] == ["main-step0000006", "main-step0000004",
                                                               "main-step0000002"]
+
+
+@pytest.mark.parametrize("point", ["before-marker", "before-rename"])
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model, tmp_path, reference_run, point):
+    """Killed inside the write of main-step0000004: before its manifest is written, or
+    with the manifest written but the directory not yet renamed. The half-written
+    ``.tmp-*`` directory is never taken for a checkpoint; the run resumes from step 2 and
+    ends as the uninterrupted one."""
+    out = tmp_path / "run"
+    name = "main-step0000004"
+
+    def check_half_written(run_dir):
+        tmp = run_dir / "checkpoints" / f".tmp-{name}"
+        assert tmp.is_dir() and not (run_dir / "checkpoints" / name).exists()
+        assert (tmp / ckpt.MARKER).is_file() == (point == "before-rename")
+        with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
+            ckpt.find_resume_checkpoint(str(tmp), run_dir)
+        assert ckpt.find_resume_checkpoint("auto", run_dir)[0].name == "main-step0000002"
+
+    proc = kill_then_resume(tiny_model, out, f"{point}:{name}", tamper=check_half_written)
+    log = proc.stderr + proc.stdout
+    assert "resuming from" in log and "main-step0000002" in log
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the stale temporary was cleaned up
+    assert_same_run(out, reference_run)
+
+
+def test_manifest_lists_every_ranks_files(reference_run):
+    """COMPLETE.json is built from each rank's own list of what it wrote: it names exactly
+    the files on disk, both ranks' among them, with their sizes."""
+    for path, _ in ckpt.list_checkpoints(reference_run):
+        files = json.loads((path / ckpt.MARKER).read_text())["files"]
+        on_disk = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*")
+                   if p.is_file() and p.name != ckpt.MARKER}
+        assert files == on_disk, path
+        for rank in (0, 1):
+            assert f"rng/rank{rank}.pt" in files
+            assert any(f"zero_pp_rank_{rank}_" in f and f.endswith("optim_states.pt") for f in files), files
+
+
+def test_hierarchical_partitioning_trains_the_same(tiny_model, tmp_path, reference_run):
+    """ZeRO++ hpZ (a secondary copy of the frozen base inside each node, as the multi-node
+    recipe uses) gives the same run: here with both ranks in one hpZ group."""
+    config = json.loads((REPO / "ds_configs" / "zero3_tiny.json").read_text())
+    config["zero_optimization"]["zero_hpz_partition_size"] = 2
+    (tmp_path / "hpz.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    run_ranks(TRAIN, args(tiny_model, out, f"deepspeed={tmp_path / 'hpz.json'}"))
+    assert_same_run(out, reference_run)

@@ -104,3 +104,62 @@ def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (out / "metrics.jsonl").exists()  # nothing trained, nothing logged
+
+
+def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, tmp_path):
+    """The GPU precision path on CPU: a bf16 base (DeepSpeed bf16, gradients reduced in
+    fp32), adapters kept in fp32, through the whole CLI; the adapter reloads in plain peft
+    on a bf16 base to the trained model's logits (bf16 tolerance)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_ranks(TRAIN, tiny_args(tiny_model, out, "model.dtype=bfloat16"))
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    main_losses = [r["loss"] for r in records if r["stage"] == "main" and "loss" in r]
+    assert len(main_losses) == 4 and main_losses[-1] < main_losses[0]
+    probe = load_file(out / "probe_logits.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
+    mask = probe["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=0.02, atol=0.05)
+
+
+def test_the_base_weights_are_read_once(tiny_model, tmp_path):
+    """The rebuild keeps the sampling stage's partitioned base: once the sampling stage is
+    under way (its first checkpoint is complete) the weight files are deleted, and the
+    main stage still builds and trains. (Reloading the base for the main stage, as
+    earlier versions did, fails here.)"""
+    import shutil
+    import threading
+    import time
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    out = tmp_path / "run"
+    first_checkpoint = out / "checkpoints" / "sampling-step0000002"
+    deleted = []
+
+    def delete_weights_once_sampling_runs():
+        deadline = time.monotonic() + 300
+        while not first_checkpoint.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for f in model_dir.glob("*.safetensors"):
+            f.unlink()
+            deleted.append(f.name)
+
+    watcher = threading.Thread(target=delete_weights_once_sampling_runs, daemon=True)
+    watcher.start()
+    # 10 sampling steps: the deletion lands long before the sampling stage ends.
+    proc = run_ranks(TRAIN, tiny_args(model_dir, out, "loradrop.sampling_steps=10", "train.save_every=2"))
+    watcher.join(timeout=5)
+    assert deleted == ["model.safetensors"]
+    assert "=== loradrop_ds run summary ===" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampling"]["steps"] == 10 and summary["main"]["steps"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "main" and "loss" in r] == [1, 2, 3, 4]

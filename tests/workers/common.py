@@ -16,6 +16,15 @@ def tiny_config(model_dir: str, *overrides: str) -> config_lib.Config:
     ])
 
 
+def ds_config_for(cfg: config_lib.Config, world_size: int) -> dict:
+    """The resolved DeepSpeed config of ``cfg``, sized from its model as the CLI does."""
+    from loradrop_ds.engine import SizeHints, load_ds_config
+    from loradrop_ds.model import describe_modules, load_model_config
+
+    modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules)
+    return load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
+
+
 def randomize_lora_b(model: torch.nn.Module, seed: int) -> None:
     """peft starts B at zero; give it seeded values (before tying, before DeepSpeed) so
     that A receives gradients and LoRA outputs are non-zero."""

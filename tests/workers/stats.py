@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from loradrop_ds import distributed
 from loradrop_ds.distributed import SelectionMismatchError
-from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda
+from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import compute_selection
 from loradrop_ds.lora import ImportanceRecorder, add_lora
 from loradrop_ds.model import load_model, load_tokenizer
-from workers.common import randomize_lora_b, rank_batches, tiny_config
+from workers.common import ds_config_for, randomize_lora_b, rank_batches, tiny_config
 
 PER_RANK = 3
 
@@ -26,7 +26,7 @@ PER_RANK = 3
 def main(model_dir: str, out_dir: str) -> None:
     info = distributed.init_distributed()
     cfg = tiny_config(model_dir, f"train.micro_batch_size={PER_RANK}")
-    ds_config = load_ds_config(cfg, info.world_size)
+    ds_config = ds_config_for(cfg, info.world_size)
     model, _hf = load_model(cfg.model, ds_config, "cpu")
     model = add_lora(model, cfg.lora, cfg.seed)
     randomize_lora_b(model, seed=3)
@@ -42,8 +42,9 @@ def main(model_dir: str, out_dir: str) -> None:
     local = recorder.stats
     total = distributed.all_reduce_stats(local, info.device)
 
-    selection = compute_selection(total, 0.6, "layer") if info.is_main else None
-    selection = distributed.broadcast_selection(selection, info)
+    # As the CLI does: rank 0 selects, the exchange of outcomes carries it to every rank.
+    selection = distributed.run_on_every_rank(
+        info, "selection", lambda: compute_selection(total, 0.6, "layer") if info.is_main else None, gather=True)[0]
     distributed.check_selection_agreement(selection, info)  # all agree: passes
 
     tampered = selection
@@ -62,6 +63,7 @@ def main(model_dir: str, out_dir: str) -> None:
                   f"{out_dir}/stats.safetensors")
         with open(f"{out_dir}/selection.json", "w") as f:
             f.write(selection.to_json())
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":

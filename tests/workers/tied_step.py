@@ -11,18 +11,18 @@ from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
 from loradrop_ds import checkpoint, distributed
-from loradrop_ds.engine import create_engine, load_ds_config, lr_lambda
+from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora, trainable_parameter_count
 from loradrop_ds.model import load_model, load_tokenizer
 from workers.common import TIED_KEPT_LAYERS as KEPT
-from workers.common import hand_selection, randomize_lora_b, rank_batches, tiny_config
+from workers.common import ds_config_for, hand_selection, randomize_lora_b, rank_batches, tiny_config
 
 
 def main(model_dir: str, out_dir: str) -> None:
     info = distributed.init_distributed()
     cfg = tiny_config(model_dir, "train.micro_batch_size=2")
-    ds_config = load_ds_config(cfg, info.world_size)
+    ds_config = ds_config_for(cfg, info.world_size)
     model, _hf = load_model(cfg.model, ds_config, "cpu")
     model = add_lora(model, cfg.lora, cfg.seed)
     randomize_lora_b(model, seed=7)
@@ -48,6 +48,7 @@ def main(model_dir: str, out_dir: str) -> None:
         save_file(params, f"{out_dir}/params.safetensors")
         torch.save({"losses": losses, "optimizer_numel": int(flat_total), "trainable": trainable_parameter_count(engine.module)},
                    f"{out_dir}/meta.pt")
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":

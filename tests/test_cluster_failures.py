@@ -1,0 +1,82 @@
+"""No rank ever waits for a rank that has failed.
+
+Two ranks are started by two separate launchers (``torchrun --nnodes 2``, one rank each,
+on the loopback address), as on two machines: a launcher cannot kill the other's rank,
+so a rank that exits while the other waits in a collective would leave it waiting until
+the collective timeout. An error on one rank only, at each point where a run checks or
+writes something, must end both ranks with exit code 2 and the same one-line message,
+long before that timeout (set to 10 minutes here; each test gives the pair 4)."""
+
+import pytest
+from test_train_cli import tiny_args
+
+from conftest import REPO, run_two_nodes, worker_exit_code
+
+TRAIN = REPO / "launch" / "train.py"
+
+
+def error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
+def worker_traceback(stderr: str) -> bool:
+    """A traceback through this project's code (torchrun prints its own for a failed child)."""
+    return "Traceback" in stderr and ("launch/train.py\", line" in stderr or "loradrop_ds/" in stderr)
+
+
+def two_node_run(tiny_model, tmp_path, extra=((), ()), envs=None):
+    out = tmp_path / "run"
+    args = [tiny_args(tiny_model, out, "dist.timeout_minutes=10", *node_extra) for node_extra in extra]
+    return run_two_nodes(TRAIN, args, envs), out
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_a_data_file_missing_on_one_node_stops_both(tiny_model, tmp_path, failing_rank):
+    missing = [f"data.train_file={tmp_path}/only_on_the_other_node.jsonl"]
+    extra = [missing, []] if failing_rank == 0 else [[], missing]
+    procs, out = two_node_run(tiny_model, tmp_path, extra)
+    lines = [error_line(p.stderr) for p in procs]
+    assert lines[0] == lines[1], lines
+    assert "only_on_the_other_node.jsonl: no such file" in lines[0]
+    assert f"[rank {failing_rank} of 2]" in lines[0]
+    assert [worker_exit_code(p.stdout + p.stderr) for p in procs] == [2, 2]
+    assert not any(worker_traceback(p.stderr) for p in procs)
+    assert not (out / "config.yaml").exists()  # nothing was written before every rank's inputs were accepted
+
+
+@pytest.mark.parametrize("point", ["inputs", "selection", "save"])
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_an_error_on_one_rank_stops_both_with_the_same_message(tiny_model, tmp_path, point, failing_rank):
+    envs = [{}, {}]
+    envs[failing_rank] = {"LORADROP_TEST_FAIL_AT": point}
+    procs, out = two_node_run(tiny_model, tmp_path, envs=envs)
+    lines = [error_line(p.stderr) for p in procs]
+    assert lines[0] == lines[1] == (f"error: injected failure at {point} (LORADROP_TEST_FAIL_AT) "
+                                    f"[rank {failing_rank} of 2]"), lines
+    assert [worker_exit_code(p.stdout + p.stderr) for p in procs] == [2, 2]
+    assert not any(worker_traceback(p.stderr) for p in procs)
+    if point == "save":
+        assert (out / "checkpoints" / "main-step0000004").is_dir()  # the last checkpoint is kept
+        if failing_rank == 0:  # the writer failed: nothing half-written
+            assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_an_unexpected_crash_on_one_rank_stops_both(tiny_model, tmp_path):
+    procs, _ = two_node_run(tiny_model, tmp_path, envs=[{}, {"LORADROP_TEST_FAIL_AT": "save:crash"}])
+    lines = [error_line(p.stderr) for p in procs]
+    assert lines[0] == lines[1] == ("error: save failed on rank 1: RuntimeError: injected crash at save "
+                                    "(LORADROP_TEST_FAIL_AT)"), lines
+    assert [worker_exit_code(p.stdout + p.stderr) for p in procs] == [1, 1]
+    assert worker_traceback(procs[1].stderr)  # the crashing rank logs where it crashed
+
+
+def test_a_rank_that_hangs_fails_the_others_after_the_collective_timeout(tiny_model, tmp_path):
+    """dist.timeout_minutes reaches the process group: with rank 1 stuck for 10 minutes,
+    rank 0 gives up after 0.1 minutes instead of waiting."""
+    out = tmp_path / "run"
+    args = [tiny_args(tiny_model, out, "dist.timeout_minutes=0.1")] * 2
+    procs = run_two_nodes(TRAIN, args, [{}, {"LORADROP_TEST_FAIL_AT": "inputs:stall"}], timeout=120, wait_for=(0,))
+    assert worker_exit_code(procs[0].stdout + procs[0].stderr) not in (None, 0)
+    assert "timed out" in procs[0].stderr.lower() or "timeout" in procs[0].stderr.lower(), procs[0].stderr[-3000:]
