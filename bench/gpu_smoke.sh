@@ -8,7 +8,8 @@
 #
 # On a machine without network whose python3 has torch + transformers + peft but not
 # deepspeed/datasets (this workplace's lent GPU machines): run `bash bench/gpu_wheels.sh`
-# on a networked machine first; it fills .whl/, which this script installs from.
+# on a networked machine first; it fills .whl/ (git-ignored, 6 MB), which this script
+# installs from. With the device tool: run(command="bash bench/gpu_smoke.sh", carry=[".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

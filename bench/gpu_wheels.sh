@@ -6,11 +6,11 @@
 # .whl/ is git-ignored; carry it to the machine with the working tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+PY=${PYTHON:-.venv/bin/python}  # needs torch to build DeepSpeed's wheel: the project's venv has it
 mkdir -p .whl
-# DeepSpeed ships an sdist only; built without ops it is a pure-Python wheel.
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==0.19.8" \
-  || "$PY" -m pip wheel -q --no-deps -w .whl "deepspeed==0.19.8"
+# DeepSpeed ships an sdist only; built without ops (no isolation, so no CUDA torch is pulled
+# in as a build dependency) it is a pure-Python wheel.
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl "deepspeed==0.19.8"
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   hjson pydantic pydantic-core annotated-types typing-inspection "datasets==5.2.0" dill multiprocess

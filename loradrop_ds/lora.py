@@ -126,9 +126,9 @@ def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_s
     it visits, and its registration (``parameter_offload._register_deepspeed_module``,
     DeepSpeed 0.19.8) does not de-duplicate, so one ``nn.Linear`` placed in k layers got
     4k hooks, all firing at each of its k uses. Separate modules that share a parameter
-    keep 4 hooks each, like a kept LoRA; with the LoRA parameters under
-    ``stage3_param_persistence_threshold`` (the "auto" value, see ``engine.py``) the shared
-    weights also stay resident instead of being gathered at every use.
+    keep 4 hooks each, like a kept LoRA: a shared LoRA costs each of its uses what a kept
+    one costs. With the "auto" persistence threshold (``engine.zero3_auto_values``) the
+    shared weights also stay resident instead of being gathered at every use.
 
     Returns ``{module type: [layers sharing it]}``.
     """

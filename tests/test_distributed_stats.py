@@ -74,3 +74,30 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, rel=1e-5)
+
+
+def test_run_on_every_rank_in_one_process():
+    """The outcome exchange's local half: results come back, bad input keeps its message
+    (exit code 2 in the CLI), anything else names the step, the rank and the type."""
+    import pytest
+
+    from loradrop_ds.config import ConfigError
+    from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert run_on_every_rank(info, "step", lambda: 41 + 1) == 42
+    assert run_on_every_rank(info, "step", lambda: "x", gather=True) == ["x"]
+
+    def bad_input():
+        raise ConfigError("train.lr must be > 0")
+
+    with pytest.raises(RankFailure) as failure:
+        run_on_every_rank(info, "input checks", bad_input, (ConfigError,))
+    assert str(failure.value) == "train.lr must be > 0" and failure.value.user_error
+
+    def crash():
+        raise KeyError("boom")
+
+    with pytest.raises(RankFailure) as failure:
+        run_on_every_rank(info, "save", crash, (ConfigError,))
+    assert str(failure.value) == "save failed on rank 0: KeyError: 'boom'" and not failure.value.user_error

@@ -11,7 +11,7 @@ from conftest import REPO, run_ranks
 from loradrop_ds.config import ConfigError, load_config
 from loradrop_ds.engine import SizeHints, load_ds_config, lr_lambda
 
-# SmolLM2-135M-like and Llama-3-70B dimensions; LoRA r = 16 on every linear module.
+# SmolLM2-135M's and Llama-3-70B's dimensions, LoRA r = 16 on every linear module.
 SMALL = SizeHints(hidden_size=576, largest_weight_numel=576 * 1536, largest_lora_numel=16 * 1536)
 LLAMA70B = SizeHints(hidden_size=8192, largest_weight_numel=8192 * 28672, largest_lora_numel=16 * 28672)
 
