@@ -118,6 +118,8 @@ def setup_logging(is_main: bool) -> None:
     # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step.
     warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
                             category=FutureWarning)
+    # peft 0.21 asks transformers 5.x for `is_gradient_checkpointing`, deprecated there, at every wrap.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
@@ -279,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ------------------------------------------------ 2-3. sampling and selection
     selection: Optional[Selection] = None
-    sampled_base: Optional[torch.nn.Module] = None  # the sampling stage's partitioned base, LoRA removed
+    base: Optional[torch.nn.Module] = None  # the frozen ZeRO-3-partitioned base (the sampling stage's, LoRA removed)
     hf_ds = None  # transformers' ZeRO-3 config for the model in use: alive as long as the model is
     warm_state: Optional[dict[str, torch.Tensor]] = None
     if resumed is not None and resumed.selection is not None:
@@ -287,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.loradrop.warm_start and resumed.stage == "sampling":
             warm_state = adapter_as_module_state(run.resume_path / "adapter")
     elif cfg.loradrop.enabled:
-        selection, sampled_base, hf_ds, warm_state = sampling_stage(run)
+        selection, base, hf_ds, warm_state = sampling_stage(run)
     if selection is not None:
         def write_selection() -> None:
             if info.is_main:
@@ -300,12 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ----------------------------------------------------------- 4. rebuild
     rebuild_start = time.perf_counter()
-    if sampled_base is None:  # plain LoRA, or resumed after the selection: the one read of the base
-        sampled_base, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)
+    if base is None:  # plain LoRA, or resumed after the selection: the one read of the base
+        base, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)
     plan = sharing_plan(selection) if selection is not None else None
-    model, shared_users = build_main_lora(sampled_base, cfg.lora, cfg.seed + 1, plan, cfg.loradrop.train_shared,
-                                          warm_state)
-    del sampled_base, warm_state
+    model, shared_users = build_main_lora(base, cfg.lora, cfg.seed + 1, plan, cfg.loradrop.train_shared, warm_state)
+    del base, warm_state
     if shared_users:
         log.info("shared LoRA users per module: %s", shared_users)
     trainable = trainable_parameter_count(model)
