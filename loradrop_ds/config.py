@@ -41,10 +41,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # A local .json/.jsonl/.parquet file or a hub dataset id (with data.name and data.split).
     train_file: str = "data/wordnet_categories/train.jsonl"
     eval_file: Optional[str] = "data/wordnet_categories/eval.jsonl"
-    # Python format strings over the dataset's columns. The loss is taken on the
-    # response tokens only (plus EOS).
+    # template: the two format strings below. alpaca: instruction/input/output columns.
+    # messages: a chat column (`messages` of {role, content}, or ShareGPT's `conversations`
+    # of {from, value}) rendered with the tokenizer's chat template, loss on assistant turns.
+    format: Literal["template", "alpaca", "messages"] = "template"
+    # Hub datasets only: the configuration name and the split to train on.
+    name: Optional[str] = None
+    split: str = "train"
+    # With no eval_file: carve this fraction of the training rows (seeded) as the eval set.
+    eval_split_ratio: float = 0.0
+    # Python format strings over the dataset's columns (data.format=template). The loss is
+    # taken on the response tokens only (plus EOS).
     prompt_template: str = "Definition: {definition}\nCategory:"
     response_template: str = " {category}"
     # Optional column holding a class label: the sampling subset is stratified by it
@@ -52,6 +62,10 @@ class DataConfig:
     label_field: Optional[str] = "category"
     max_seq_len: int = 128
     max_eval_examples: Optional[int] = None
+    # Several examples per row up to max_seq_len; attention stays inside each example.
+    packing: bool = False
+    # Tokenisation processes on each node's local rank 0 (null: up to 8, one per CPU core).
+    num_proc: Optional[int] = None
 
 
 @dataclass
@@ -82,7 +96,10 @@ class LoraDropConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 50
+    # Length of the main stage: max_steps optimizer steps, or num_epochs passes over the
+    # training set (set max_steps=null to use it).
+    max_steps: Optional[int] = 50
+    num_epochs: Optional[float] = None
     lr: float = 1e-3
     micro_batch_size: int = 8
     grad_accum: int = 1
@@ -98,6 +115,12 @@ class TrainConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones are pruned after a newer one is complete
     # Write the logits of the first eval batch after training (verification artefact).
     save_probe_logits: bool = False
+    # Any of tensorboard, wandb, mlflow (metrics.jsonl is always written). A tracker that
+    # cannot be imported or reach its server is reported once and the run goes on.
+    report_to: list[str] = field(default_factory=list)
+    # The start-up memory check (launch/plan.py's estimate against device memory) refuses a
+    # run that cannot fit; true skips it.
+    skip_memory_check: bool = False
 
 
 @dataclass
@@ -261,7 +284,18 @@ def validate(cfg: Config) -> None:
     _check(0.0 < drop.sample_ratio <= 1.0, f"loradrop.sample_ratio (alpha) must be in (0, 1], got {drop.sample_ratio}")
     _check(drop.sampling_steps >= 1, f"loradrop.sampling_steps must be >= 1, got {drop.sampling_steps}")
     _check(drop.sampling_lr is None or drop.sampling_lr > 0, f"loradrop.sampling_lr must be > 0, got {drop.sampling_lr}")
-    _check(train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
+    _check((train.max_steps is None) != (train.num_epochs is None),
+           "set exactly one of train.max_steps and train.num_epochs (e.g. train.max_steps=null train.num_epochs=3); "
+           f"got max_steps={train.max_steps}, num_epochs={train.num_epochs}")
+    _check(train.max_steps is None or train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
+    _check(train.num_epochs is None or train.num_epochs > 0, f"train.num_epochs must be > 0, got {train.num_epochs}")
+    unknown_trackers = sorted(set(train.report_to) - {"tensorboard", "wandb", "mlflow"})
+    _check(not unknown_trackers, f"train.report_to: unknown tracker(s) {unknown_trackers}; "
+                                 "choose from tensorboard, wandb, mlflow")
+    _check(0.0 <= data.eval_split_ratio < 1.0, f"data.eval_split_ratio must be in [0, 1), got {data.eval_split_ratio}")
+    _check(not (data.eval_split_ratio > 0 and data.eval_file),
+           "data.eval_split_ratio carves an eval set only when there is no data.eval_file; set data.eval_file=null")
+    _check(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 or null, got {data.num_proc}")
     _check(train.lr > 0, f"train.lr must be > 0, got {train.lr}")
     _check(train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {train.micro_batch_size}")
     _check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
