@@ -28,15 +28,17 @@ together with the same message (distributed.run_on_every_rank).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +50,7 @@ from loradrop_ds import checkpoint, distributed  # noqa: E402
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
+from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths  # noqa: E402
 from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank  # noqa: E402
 from loradrop_ds.engine import SizeHints, create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
 from loradrop_ds.importance import (  # noqa: E402
@@ -70,6 +73,7 @@ from loradrop_ds.model import (  # noqa: E402
     BUILTIN_PREFIX,
     ModelError,
     ModuleInfo,
+    cache_dir,
     describe_modules,
     load_model,
     load_model_config,
@@ -144,22 +148,25 @@ def fault_point(info: DistInfo, where: str) -> None:
         raise InjectedFailure(f"injected failure at {where} (LORADROP_TEST_FAIL_AT)")
 
 
-@dataclass
+@dataclasses.dataclass
 class Inputs:
     """Everything checked before heavy work starts."""
 
     modules: ModuleInfo
     tokenizer: Any
-    train_set: data_lib.Tokenized
-    eval_set: Optional[data_lib.Tokenized]
-    sample: list[int]
+    attn_implementation: str
     base_model: dict
     plain_lora_params: int
     ds_config: dict
     resume: Optional[tuple[Path, ckpt.RunState]]
+    # Filled by read_data, after each node's local rank 0 has tokenised into the cache.
+    train_set: Optional[data_lib.TokenizedSet] = None
+    eval_set: Optional[data_lib.TokenizedSet] = None
+    sample: Optional[list[int]] = None  # indices of the sampling subset
+    main_steps: int = 0  # train.max_steps, or train.num_epochs worth of steps
 
 
-@dataclass
+@dataclasses.dataclass
 class Run:
     """What every stage of a run needs: settings, ranks, checked inputs, where results go."""
 
@@ -183,12 +190,15 @@ class Run:
         eval_set = self.inputs.eval_set
         if eval_set is None:
             return {}
-        return evaluate(engine, eval_set.examples, eval_set.label_token_ids, self.info, self.cfg.train.micro_batch_size,
+        return evaluate(engine, eval_set, self.info, self.cfg.train.micro_batch_size,
                         self.inputs.tokenizer.pad_token_id, desc=desc, probe=probe)
 
-    def save_checkpoint(self, engine: Any, stage: str, step: int, stream: data_lib.BatchStream,
+    def micro_batches(self, indices: Any, seed: int) -> data_lib.MicroBatches:
+        return micro_batches(self.cfg, self.info, self.inputs, indices, seed)
+
+    def save_checkpoint(self, engine: Any, stage: str, step: int, batches: data_lib.MicroBatches,
                         selection: Optional[Selection], stats=None) -> None:
-        state = ckpt.RunState(stage, step, stream.position, self.info.world_size, config_lib.to_dict(self.cfg),
+        state = ckpt.RunState(stage, step, batches.stream.position, self.info.world_size, config_lib.to_dict(self.cfg),
                               self.inputs.base_model, selection=json.loads(selection.to_json()) if selection else None,
                               results=self.results)
         name = ckpt.checkpoint_name(stage, step)
@@ -196,33 +206,25 @@ class Run:
                                  on_point=lambda point: fault_point(self.info, f"{point}:{name}"))
 
 
+def micro_batches(cfg: config_lib.Config, info: DistInfo, inputs: Inputs, indices: Any, seed: int
+                  ) -> data_lib.MicroBatches:
+    """This rank's training micro-batches over ``indices`` of the training set (packed
+    with data.packing; one row per micro-batch for flash-attn's varlen kernel)."""
+    return data_lib.MicroBatches(inputs.train_set, indices, cfg.data, cfg.train.micro_batch_size, info.rank,
+                                 info.world_size, seed, inputs.tokenizer.pad_token_id,
+                                 one_row=inputs.attn_implementation == "flash_attention_2")
+
+
 def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     """Read and check every input: model config and target modules (on a weightless
-    copy), attention kernel, DeepSpeed config, tokenizer, data, batch feasibility, the
-    checkpoint to resume from, and (rank 0) that output_dir is writable. Runs on every
-    rank; raises one of USER_ERRORS for bad input."""
+    copy), attention kernel, DeepSpeed config, tokenizer, the checkpoint to resume from,
+    and (rank 0) that output_dir is writable. Each node's local rank 0 also tokenises the
+    data into the cache (read_data reads it on every rank). Runs on every rank; raises
+    one of USER_ERRORS for bad input."""
     modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules, cfg.model.trust_remote_code)
-    resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
+    attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
     ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(modules, cfg.lora.r))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
-    train_set = data_lib.tokenize_records(data_lib.load_records(cfg.data.train_file, "data.train_file"),
-                                          tokenizer, cfg.data, "data.train_file")
-    eval_set = None
-    if cfg.data.eval_file:
-        eval_records = data_lib.load_records(cfg.data.eval_file, "data.eval_file")
-        eval_records = eval_records[: cfg.data.max_eval_examples or len(eval_records)]
-        eval_set = data_lib.tokenize_records(eval_records, tokenizer, cfg.data, "data.eval_file",
-                                             label_names=train_set.label_names or None)
-    labels = [e.label for e in train_set.examples] if cfg.data.label_field else None
-    sample = data_lib.draw_sample(len(train_set.examples), cfg.loradrop.sample_ratio, cfg.seed, labels)
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size
-    for name, size in (("the sampling subset", len(sample) if cfg.loradrop.enabled else None),
-                       ("data.train_file", len(train_set.examples))):
-        if size is not None and size < per_step:
-            raise data_lib.DataError(
-                f"{name} has {size} examples, fewer than one optimizer step needs ({per_step} = "
-                f"micro_batch_size {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x "
-                f"{info.world_size} ranks); raise loradrop.sample_ratio or lower the batch size")
     plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
     out_dir = Path(cfg.output_dir)
@@ -237,8 +239,67 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
             probe.unlink()
         except OSError as e:
             raise config_lib.ConfigError(f"output_dir={out_dir} is not writable ({e.strerror}); choose another") from e
+    if info.local_rank == 0:
+        tokenize_data(cfg, tokenizer, build=True)
     fault_point(info, "inputs")
-    return Inputs(modules, tokenizer, train_set, eval_set, sample, base, plain, ds_config, resume)
+    return Inputs(modules, tokenizer, attn, base, plain, ds_config, resume)
+
+
+def tokenize_data(cfg: config_lib.Config, tokenizer: Any, build: bool
+                  ) -> tuple[data_lib.TokenizedSet, Optional[data_lib.TokenizedSet]]:
+    """The tokenised train and eval sets from the cache (``build``: tokenising what is not
+    there yet). With data.eval_split_ratio the eval set is a seeded share of the train file."""
+    cache = cache_dir()
+    train_set, _ = data_lib.prepare_tokenized(cfg.data.train_file, "data.train_file", tokenizer, cfg.data, cache,
+                                              build=build)
+    eval_set = None
+    if cfg.data.eval_file:
+        eval_set, _ = data_lib.prepare_tokenized(cfg.data.eval_file, "data.eval_file", tokenizer, cfg.data, cache,
+                                                 build=build, label_names=train_set.label_names)
+    elif cfg.data.eval_split_ratio > 0:
+        train_rows, eval_rows = data_lib.split_for_eval(len(train_set), cfg.data.eval_split_ratio, cfg.seed)
+        train_set, eval_set = train_set.subset(train_rows), train_set.subset(eval_rows)
+    return train_set, eval_set.head(cfg.data.max_eval_examples) if eval_set is not None else None
+
+
+def read_data(cfg: config_lib.Config, info: DistInfo, inputs: Inputs) -> Inputs:
+    """Every rank: the tokenised sets (memory-mapped from the cache), the sampling subset,
+    and checks that each stage's data fills at least one optimizer step."""
+    train_set, eval_set = tokenize_data(cfg, inputs.tokenizer, build=False)
+    sample = data_lib.draw_sample(len(train_set), cfg.loradrop.sample_ratio, cfg.seed, train_set.class_labels)
+    inputs = dataclasses.replace(inputs, train_set=train_set, eval_set=eval_set, sample=sample)
+    unit = "packs" if cfg.data.packing else "examples"
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size
+    stages = [("data.train_file", range(len(train_set)))]
+    if cfg.loradrop.enabled:
+        stages.insert(0, ("the sampling subset", sample))
+    items = {}
+    for name, indices in stages:
+        items[name] = (len(data_lib.pack_examples(train_set.lengths, indices, cfg.data.max_seq_len)) if cfg.data.packing
+                       else len(indices))
+        if items[name] < per_step:
+            raise data_lib.DataError(
+                f"{name} has {items[name]} {unit}, fewer than one optimizer step needs ({per_step} = "
+                f"micro_batch_size {cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x "
+                f"{info.world_size} ranks); raise loradrop.sample_ratio or lower the batch size")
+    main_steps = cfg.train.max_steps
+    if main_steps is None:
+        main_steps = data_lib.steps_for_epochs(items["data.train_file"], cfg.train.micro_batch_size, info.world_size,
+                                               cfg.train.grad_accum, cfg.train.num_epochs)
+    return dataclasses.replace(inputs, main_steps=main_steps)
+
+
+def write_marker(out_dir: Path) -> str:
+    name = f".shared-check-{uuid.uuid4().hex}"
+    (out_dir / name).write_text("")
+    return name
+
+
+def check_shared_output_dir(out_dir: Path, marker: str, info: DistInfo) -> None:
+    if not (out_dir / marker).exists():
+        raise config_lib.ConfigError(
+            f"output_dir={out_dir} on {socket.gethostname()} (rank {info.rank}) is not the directory rank 0 writes: "
+            "every rank writes its checkpoint shards there, so it must be on storage that all nodes share")
 
 
 def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
@@ -250,6 +311,19 @@ def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
         log.info("resolved config:\n%s", config_lib.dump_yaml(cfg))
         log.info("world size %d, device %s", info.world_size, info.device)
     inputs = run_on_every_rank(info, "input checks", lambda: check_inputs(cfg, info), USER_ERRORS)
+    # Every rank writes its checkpoint shards into output_dir: rank 0 leaves a marker there
+    # and every rank must see it (a node-local output_dir would fail at the first checkpoint).
+    marker = run_on_every_rank(info, "output_dir marker", lambda: info.is_main and write_marker(out_dir), USER_ERRORS,
+                               gather=True)[0]
+    try:
+        inputs = run_on_every_rank(info, "data", lambda: check_shared_output_dir(out_dir, marker, info)
+                                   or read_data(cfg, info, inputs), USER_ERRORS)
+    finally:
+        if info.is_main:
+            (out_dir / marker).unlink(missing_ok=True)
+    if info.is_main:
+        log.info("data: %d training examples, %s eval, sampling subset %d, main stage %d steps", len(inputs.train_set),
+                 len(inputs.eval_set) if inputs.eval_set is not None else "no", len(inputs.sample), inputs.main_steps)
     state = inputs.resume[1] if inputs.resume else None
     if state is not None:
         log.info("resuming from %s (%s stage, step %d)", inputs.resume[0], state.stage, state.step)
@@ -264,7 +338,9 @@ def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
         write_text_atomic(out_dir / "config.yaml", config_lib.dump_yaml(cfg))
 
     run_on_every_rank(info, "output setup", prepare_output_dir, USER_ERRORS)
-    return Run(cfg, info, inputs, out_dir, MetricsLogger(out_dir, enabled=info.is_main),
+    logger = MetricsLogger(out_dir, enabled=info.is_main, report_to=cfg.train.report_to)
+    logger.log_config(config_lib.to_dict(cfg))
+    return Run(cfg, info, inputs, out_dir, logger,
                dict(state.results) if state else {}, wall_start)
 
 
@@ -273,9 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     # ---------------------------------------------------------------- 1. setup
-    cfg = config_lib.load_config(args.config, args.overrides)  # typed and range-checked, the same on every rank
+    cfg = config_lib.load_config(resolve_recipe(args.config) if args.config else None, args.overrides)
+    shipped = resolve_shipped_paths(cfg)  # ds_configs/, data/ of an installed package when not in the cwd
     info = distributed.init_distributed(cfg.dist.timeout_minutes)
     setup_logging(info.is_main)
+    if shipped and info.is_main:
+        log.info("shipped files: %s", "; ".join(shipped))
     run = setup(cfg, info, wall_start)
     resumed = run.resumed
 
@@ -297,10 +376,13 @@ def main(argv: list[str] | None = None) -> int:
                 kept = set(selection.kept)
                 plot_importance(run.out_dir / "importance.png", selection.items, selection.importance,
                                 [item in kept for item in selection.items], selection.threshold)
+                run.logger.log_artifact(run.out_dir / "selection.json")
+                run.logger.log_artifact(run.out_dir / "importance.png")
 
         run_on_every_rank(info, "selection output", write_selection, USER_ERRORS)
 
     # ----------------------------------------------------------- 4. rebuild
+    main_steps = run.inputs.main_steps
     rebuild_start = time.perf_counter()
     if base is None:  # plain LoRA, or resumed after the selection: the one read of the base
         base, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)
@@ -315,17 +397,16 @@ def main(argv: list[str] | None = None) -> int:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
     engine = create_engine(model, run.inputs.ds_config, cfg.train.lr, cfg.train.weight_decay,
-                           lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.max_steps,
+                           lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, main_steps,
                                      cfg.train.min_lr_ratio))
     del model
     run.results["rebuild_seconds"] = time.perf_counter() - rebuild_start
-    stream = data_lib.BatchStream(range(len(run.inputs.train_set.examples)), cfg.train.micro_batch_size, info.rank,
-                                  info.world_size, cfg.seed + 1)
+    batches = run.micro_batches(range(len(run.inputs.train_set)), cfg.seed + 1)
     start_step = 0
     if resumed is not None and resumed.stage == "main":
         ckpt.load_engine_state(engine, run.resume_path)
         ckpt.restore_rng(run.resume_path, info)
-        stream.position, start_step = resumed.stream_position, resumed.step
+        batches.stream.position, start_step = resumed.stream_position, resumed.step
     if "zero_shot" not in run.results:  # plain LoRA: B = 0, so this is the base model
         run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
         run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
@@ -336,21 +417,20 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------ 5. main stage
     def after_main_step(step: int, loss: float) -> None:
         run.results["main_last_loss"] = loss
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == cfg.train.max_steps:
-            run.save_checkpoint(engine, "main", step, stream, selection)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.max_steps:
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps:
+            run.save_checkpoint(engine, "main", step, batches, selection)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != main_steps:
             run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
         fault_point(info, f"main:{step}")
 
-    result = train_stage(engine, run.inputs.train_set.examples, stream, cfg.train.max_steps, stage="main", info=info,
-                         pad_id=run.inputs.tokenizer.pad_token_id, logger=run.logger, log_every=cfg.train.log_every,
-                         start_step=start_step, on_step=after_main_step)
-    run.results["main"] = {"steps": cfg.train.max_steps, "final_loss": run.results.get("main_last_loss"),
+    result = train_stage(engine, batches, main_steps, stage="main", info=info, logger=run.logger,
+                         log_every=cfg.train.log_every, start_step=start_step, on_step=after_main_step)
+    run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
                            "seconds_this_process": result.seconds,
                            "tokens_per_s_per_rank": result.tokens_per_rank / max(result.seconds, 1e-9)}
     probe: dict | None = {} if cfg.train.save_probe_logits else None
     run.results["final"] = run.evaluate(engine, "final eval", probe=probe)
-    run.logger.log({"stage": "eval", **run.results["final"]}, step=cfg.train.max_steps)
+    run.logger.log({"stage": "eval", **run.results["final"]}, step=main_steps)
 
     # ------------------------------------------------------------------ 6. save
     save_outputs(run, engine, selection, probe)
@@ -373,13 +453,13 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
     engine = create_engine(model, run.inputs.ds_config, cfg.loradrop.sampling_lr or cfg.train.lr,
                            cfg.train.weight_decay, lr_lambda("constant", 0, steps, 1.0))
     recorder = ImportanceRecorder(model, cfg.lora.target_modules, info.device)
-    stream = data_lib.BatchStream(run.inputs.sample, cfg.train.micro_batch_size, info.rank, info.world_size, cfg.seed)
+    batches = run.micro_batches(run.inputs.sample, cfg.seed)
     start_step = 0
     if resumed is not None:  # mid-sampling: weights, optimizer, data position, RNG and statistics
         ckpt.load_engine_state(engine, resume_path)
         ckpt.restore_rng(resume_path, info)
         recorder.stats = ckpt.load_rank_stats(resume_path, info, info.device)
-        stream.position, start_step = resumed.stream_position, resumed.step
+        batches.stream.position, start_step = resumed.stream_position, resumed.step
     else:
         # LoRA's B starts at zero, so this is the base model's zero-shot score.
         run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
@@ -388,12 +468,11 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
     def after_step(step: int, loss: float) -> None:
         run.results["sampling_last_loss"] = loss
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != steps:  # the end is saved below
-            run.save_checkpoint(engine, "sampling", step, stream, None, stats=recorder.stats)
+            run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)
         fault_point(info, f"sampling:{step}")
 
-    result = train_stage(engine, run.inputs.train_set.examples, stream, steps, stage="sampling", info=info,
-                         pad_id=run.inputs.tokenizer.pad_token_id, logger=run.logger, log_every=cfg.train.log_every,
-                         start_step=start_step, recorder=recorder, on_step=after_step)
+    result = train_stage(engine, batches, steps, stage="sampling", info=info, logger=run.logger,
+                         log_every=cfg.train.log_every, start_step=start_step, recorder=recorder, on_step=after_step)
     recorder.remove()
     run.results["sampling"] = {"steps": steps, "final_loss": run.results.get("sampling_last_loss"),
                                "subset_size": len(run.inputs.sample), "seconds_this_process": result.seconds}
@@ -410,7 +489,7 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
     distributed.check_selection_agreement(selection, info)
     log.info("kept %d of %d %ss: layers %s", len(selection.kept), len(selection.items), selection.granularity,
              selection.kept_layers)
-    run.save_checkpoint(engine, "sampling", steps, stream, selection, stats=recorder.stats)
+    run.save_checkpoint(engine, "sampling", steps, batches, selection, stats=recorder.stats)
     fault_point(info, f"selection:{steps}")
     warm_state = checkpoint.gather_lora_state(model) if cfg.loradrop.warm_start else None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, BatchStream, Example, collate, eval_batches
+from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
 from .distributed import DistInfo
 from .lora import ImportanceRecorder
 from .metrics import MetricsLogger, progress_bar
@@ -34,13 +34,11 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
 
 def train_stage(
     engine: Any,
-    examples: list[Example],
-    stream: BatchStream,
+    batches: Iterator[dict[str, torch.Tensor]],
     steps: int,
     *,
     stage: str,
     info: DistInfo,
-    pad_id: int,
     logger: MetricsLogger,
     log_every: int = 1,
     start_step: int = 0,
@@ -48,7 +46,9 @@ def train_stage(
     on_step: Optional[Callable[[int, float], None]] = None,
 ) -> StageResult:
     """Run optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each
-    (``start_step > 0`` continues a resumed stage; ``stream`` must be positioned to match).
+    (``start_step > 0`` continues a resumed stage; ``batches`` must be positioned to match).
+    Each batch holds the model's inputs and ``token_mask``, the real tokens (the ones
+    counted in throughput and in the LoRA-drop statistics).
 
     ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
     gradients over ranks, so a step's gradient is the mean of the micro-batch means.
@@ -70,15 +70,15 @@ def train_stage(
         # per micro-batch.
         step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
         for _ in range(grad_accum):
-            batch = collate([examples[i] for i in next(stream)], pad_id)
-            n = int(batch["attention_mask"].sum())  # counted on the host, before the copy
+            batch = next(batches)
+            n = int(batch["token_mask"].sum())  # counted on the host, before the copy
             window_tokens += n
             tokens_total += n
             batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            record = recorder.recording(batch["attention_mask"]) if recorder else contextlib.nullcontext()
+            token_mask = batch.pop("token_mask")
+            record = recorder.recording(token_mask) if recorder else contextlib.nullcontext()
             with record:
-                out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             labels=batch["labels"])
+                out = engine(**batch)
             engine.backward(out.loss)
             engine.step()
             step_loss += out.loss.detach().to(torch.float64) / grad_accum
@@ -126,8 +126,7 @@ def _grad_norm(engine: Any) -> Optional[float]:
 @torch.no_grad()
 def evaluate(
     engine: Any,
-    examples: list[Example],
-    label_token_ids: list[int],
+    data: TokenizedSet,
     info: DistInfo,
     micro_batch_size: int,
     pad_id: int,
@@ -141,13 +140,14 @@ def evaluate(
     If ``probe`` is a dict, rank 0 stores the first batch and its logits there.
     """
     engine.eval()
-    batches = eval_batches(len(examples), micro_batch_size, info.rank, info.world_size)
+    batches = eval_batches(len(data), micro_batch_size, info.rank, info.world_size)
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, tokens, correct, labelled
-    candidates = torch.tensor(label_token_ids, dtype=torch.long, device=info.device) if label_token_ids else None
+    candidates = (torch.tensor(data.label_token_ids, dtype=torch.long, device=info.device) if data.label_token_ids
+                  else None)
     bar = progress_bar(len(batches), desc=desc, enabled=info.is_main)
     for idx, weights in batches:
-        chosen = [examples[i] for i in idx]
-        batch = {k: v.to(info.device) for k, v in collate(chosen, pad_id).items()}
+        chosen = data.examples(idx)
+        batch = {k: v.to(info.device) for k, v in collate(chosen, pad_id).items() if k != "token_mask"}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if probe is not None and info.is_main and not probe:
             probe.update({k: v.cpu() for k, v in batch.items()})

@@ -46,6 +46,17 @@ def test_a_data_file_missing_on_one_node_stops_both(tiny_model, tmp_path, failin
     assert not (out / "config.yaml").exists()  # nothing was written before every rank's inputs were accepted
 
 
+def test_an_output_dir_that_is_not_shared_stops_both_before_training(tiny_model, tmp_path):
+    """The same output_dir path on two machines that do not share it: here, node 1's path
+    simply differs from node 0's."""
+    procs, out = two_node_run(tiny_model, tmp_path, [[], [f"output_dir={tmp_path}/node_local"]])
+    lines = [error_line(p.stderr) for p in procs]
+    assert lines[0] == lines[1], lines
+    assert "(rank 1) is not the directory rank 0 writes" in lines[0] and "[rank 1 of 2]" in lines[0]
+    assert [worker_exit_code(p.stdout + p.stderr) for p in procs] == [2, 2]
+    assert not (out / "config.yaml").exists() and not list(out.glob(".shared-check-*"))  # rank 0 tidied up
+
+
 @pytest.mark.parametrize("point", ["inputs", "selection", "save"])
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_an_error_on_one_rank_stops_both_with_the_same_message(tiny_model, tmp_path, point, failing_rank):

@@ -163,3 +163,46 @@ def test_the_base_weights_are_read_once(tiny_model, tmp_path):
     assert summary["sampling"]["steps"] == 10 and summary["main"]["steps"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["stage"] == "main" and "loss" in r] == [1, 2, 3, 4]
+
+
+def test_chat_data_packed_for_epochs_with_a_carved_eval_set(tiny_model, tmp_path):
+    """data.format=messages through the tokenizer's chat template, packing, train.num_epochs,
+    data.eval_split_ratio and a tracker, on 2 ranks; the adapter reloads in plain peft."""
+    import shutil
+
+    from peft import PeftModel
+    from test_data import CHAT_TEMPLATE
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tmp_path / "chat_model"
+    shutil.copytree(tiny_model, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    rows = [json.loads(line) for line in (REPO / "data/wordnet_categories/train.jsonl").read_text().splitlines()][:120]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Define the category of: {r['definition']}"},
+        {"role": "assistant", "content": r["category"]}]}) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = tiny_args(model_dir, out, f"data.train_file={chats}", "data.eval_file=null", "data.eval_split_ratio=0.1",
+                     "data.format=messages", "data.label_field=null", "data.packing=true", "data.max_seq_len=96",
+                     "train.max_steps=null", "train.num_epochs=1", "loradrop.sample_ratio=0.3",
+                     "train.report_to=[tensorboard]")
+    proc = run_ranks(TRAIN, args)
+    assert "=== loradrop_ds run summary ===" in proc.stdout
+    # 120 rows: 12 carved for eval (round(0.1 * 120)), 108 trained on.
+    assert "data: 108 training examples, 12 eval" in proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    main_steps = [r for r in records if r["stage"] == "main" and "loss" in r]
+    summary = json.loads((out / "summary.json").read_text())
+    # One epoch of packs of up to 96 tokens, 4 per micro-batch on 2 ranks: fewer steps than
+    # unpacked (108 // 8 = 13), at least one.
+    assert 1 <= len(main_steps) == summary["main"]["steps"] < 13
+    assert summary["final"]["eval_loss"] < summary["zero_shot"]["eval_loss"]
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # train.report_to reached the tracker
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    probe = load_file(out / "probe_logits.safetensors")
+    reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)

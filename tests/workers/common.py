@@ -39,8 +39,9 @@ def rank_batches(cfg: config_lib.Config, tokenizer, per_rank: int, world: int) -
     """Batch r is what rank r trains on: consecutive examples of different lengths."""
     records = data_lib.load_records(cfg.data.train_file, "data.train_file")[: per_rank * world]
     tok = data_lib.tokenize_records(records, tokenizer, cfg.data, "data.train_file")
-    return [data_lib.collate(tok.examples[r * per_rank:(r + 1) * per_rank], tokenizer.pad_token_id)
-            for r in range(world)]
+    batches = [data_lib.collate(tok.examples(range(r * per_rank, (r + 1) * per_rank)), tokenizer.pad_token_id)
+               for r in range(world)]
+    return [{k: v for k, v in b.items() if k != "token_mask"} for b in batches]  # the model's inputs only
 
 
 def hand_selection(num_layers: int, modules: list[str], kept_layers: list[int]) -> Selection:
