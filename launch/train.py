@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from loradrop_ds import checkpoint, distributed  # noqa: E402
+from loradrop_ds import checkpoint, distributed, planner  # noqa: E402
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
@@ -224,6 +224,13 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules, cfg.model.trust_remote_code)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
     ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(modules, cfg.lora.r))
+    if not cfg.train.skip_memory_check:  # the estimate of launch/plan.py against this machine
+        device_memory = (torch.cuda.get_device_properties(info.device).total_memory if info.device.type == "cuda"
+                         else None)  # CPU ranks: every rank's tensors counted against the host's RAM
+        problem = planner.check_memory(cfg, info.world_size, planner.ranks_per_node(info.world_size), device_memory,
+                                       planner.host_memory_bytes(), attn_implementation=attn)
+        if problem is not None:
+            raise config_lib.ConfigError(problem)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))

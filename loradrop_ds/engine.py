@@ -69,7 +69,11 @@ def load_ds_config(cfg: Config, world_size: int, hints: SizeHints) -> dict:
     JSON says otherwise: the trainable parameters are fp32 LoRA weights even on a bf16
     base, and DeepSpeed would otherwise reduce them in bf16 (``communication_data_type``
     defaults to the engine's half dtype, ``engine.py``, 0.19.8), losing precision on the
-    shared LoRA whose gradient is a sum over many layers.
+    shared LoRA whose gradient is a sum over many layers. For the same reason they are
+    also accumulated and kept in fp32 (``data_types.grad_accum_dtype``): without it a bf16
+    engine's ZeRO-3 optimizer casts the fp32-reduced gradient down to bf16 right after the
+    reduce (``stage3.py`` ``__avg_scatter_grads``, ``gradient_accumulation_dtype`` from
+    ``engine.get_data_types``: the model dtype unless set; 0.19.8).
     """
     path = Path(cfg.deepspeed)
     if not path.is_file():
@@ -114,6 +118,8 @@ def load_ds_config(cfg: Config, world_size: int, hints: SizeHints) -> dict:
         if zero.get(key) == "auto":
             zero[key] = value
     ds.setdefault("communication_data_type", "fp32")
+    if isinstance(ds.setdefault("data_types", {}), dict):
+        ds["data_types"].setdefault("grad_accum_dtype", "fp32")
     ds.setdefault("steps_per_print", 10**9)  # our own logging replaces DeepSpeed's
     return ds
 

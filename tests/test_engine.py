@@ -28,6 +28,7 @@ def test_ds_config_auto_values_come_from_the_recipe():
     assert ds["zero_optimization"]["stage"] == 3
     # fp32 LoRA gradients are reduced in fp32 on a bf16 base, not in DeepSpeed's default bf16.
     assert ds["communication_data_type"] == "fp32"
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # and accumulated in fp32 (test below)
 
 
 def test_zero3_sizes_follow_the_model():
@@ -136,3 +137,17 @@ def test_rebuild_leak_is_visible_without_release(tiny_model, tmp_path):
     assert result["freed"]["model"] is False and result["zero_params_not_in_main_model"] > 0, (
         f"deepspeed {deepspeed.__version__} no longer leaks the model on destroy(); "
         "release_engine's workaround may be dropped")
+
+
+def test_a_bf16_run_keeps_lora_gradients_in_fp32(tiny_model, tmp_path):
+    """fp32 LoRA on a bf16 base: the ZeRO-3 optimizer's gradient partitions are fp32 with the
+    project's config; DeepSpeed's default (no data_types) would hold them in bf16, which the
+    control shows (so the check can see the difference)."""
+    worker = REPO / "tests" / "workers" / "grad_dtype.py"
+    ours, default = tmp_path / "ours.json", tmp_path / "default.json"
+    run_ranks(worker, [str(tiny_model), str(ours)])
+    run_ranks(worker, [str(tiny_model), str(default), "data_types={}"])
+    ours, default = json.loads(ours.read_text()), json.loads(default.read_text())
+    assert ours["lora_param_dtypes"] == default["lora_param_dtypes"] == ["torch.float32"]
+    assert ours["partition_dtypes"] == ["torch.float32"] and ours["gradient_accumulation_dtype"] == "torch.float32"
+    assert default["partition_dtypes"] == ["torch.bfloat16"]

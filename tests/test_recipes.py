@@ -123,24 +123,24 @@ def test_recipe_header_says_how_to_launch_on_what_hardware_in_how_much_memory(re
     header = _header(recipe)
     assert re.search(r"^Launch\b", header, re.M), f"{recipe.name}: no 'Launch' line in the header"
     assert re.search(r"^Hardware\b", header, re.M), f"{recipe.name}: no 'Hardware' line in the header"
-    memory = re.search(r"(memory|RAM)[^\n]*?\d+(\.\d+)?\s*GB|\d+(\.\d+)?\s*GB[^\n]*?(memory|RAM)", header)
-    assert memory, f"{recipe.name}: the header gives no expected memory (a figure in GB next to memory/RAM)"
+    memory = re.search(r"(memory|RAM)[^\n]*?\d+(\.\d+)?\s*GI?B|\d+(\.\d+)?\s*GI?B[^\n]*?(memory|RAM)", header, re.I)
+    assert memory, f"{recipe.name}: the header gives no expected memory (a figure in GB or GiB next to memory/RAM)"
 
     # Every command the header gives runs this recipe (or, for the default, no --config)
     # with overrides that validate and files that exist.
     commands = [line for line in header.replace("\\\n", " ").splitlines() if "launch/" in line]
-    commands = [re.sub(r"^.*?:\s+(?=(deepspeed|torchrun|sbatch)\b)", "", c).strip() for c in commands]
+    commands = [re.sub(r"^.*?:\s+(?=(deepspeed|torchrun|sbatch|python)\b)", "", c).strip() for c in commands]
     commands = [re.sub(r"^or:\s+", "", c) for c in commands]
     commands = [c.split("  (")[0].split("  #")[0] for c in commands]
     assert commands, f"{recipe.name}: no launch command in the header"
     rel = recipe.relative_to(REPO).as_posix()
     for command in commands:
         words = shlex.split(command)
-        assert words[0] in ("deepspeed", "torchrun", "sbatch"), f"{recipe.name}: {command}"
+        assert words[0] in ("deepspeed", "torchrun", "sbatch", "python"), f"{recipe.name}: {command}"
         for word in words:  # launch/hostfile is the user's copy of launch/hostfile.example
             assert not word.startswith("launch/") or (REPO / word).is_file() or (REPO / f"{word}.example").is_file(), \
                 f"{recipe.name}: {word} does not exist"
-        script = next(w for w in words if w in ("launch/train.py", "launch/slurm_train.sh"))
+        script = next(w for w in words if w in ("launch/train.py", "launch/slurm_train.sh", "launch/plan.py"))
         rest = words[words.index(script) + 1:]
         if script == "launch/slurm_train.sh":  # RECIPE [dotted.key=value ...]
             config, overrides = rest[0], rest[1:]

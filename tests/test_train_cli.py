@@ -84,7 +84,8 @@ def _write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_file", "empty_dataset", "absent_target",
-                                  "sample_too_small", "bad_threshold", "bad_rank", "unwritable_output"])
+                                  "sample_too_small", "bad_threshold", "bad_rank", "unwritable_output",
+                                  "does_not_fit"])
 def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
     out = tmp_path / "run"
     extra, expected = {
@@ -98,6 +99,9 @@ def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
         "bad_rank": (["lora.r=0"], "lora.r must be a positive integer"),
         # A file where a directory should be: unwritable even for root.
         "unwritable_output": ([f"output_dir={_write_jsonl(tmp_path / 'a_file', [])}/run"], "is not writable"),
+        # The planner's estimate (launch/plan.py) against this machine's RAM: terabytes of activations.
+        "does_not_fit": (["train.micro_batch_size=4096", "data.max_seq_len=4096"],
+                         "train.skip_memory_check=true runs it anyway"),
     }[case]
     proc = run_python([str(TRAIN), *tiny_args(tiny_model, out, *extra)])
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -1,0 +1,347 @@
+"""The memory planner: parameter counts, ZeRO-3 rules, activation formulas and the check,
+against numbers worked out by hand from the definitions (or measured from autograd), not
+against the planner's own output."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from loradrop_ds import planner
+from loradrop_ds.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(layers: int = 2, tied: bool = True, device: str = "meta", **dims) -> torch.nn.Module:
+    """hidden 8, MLP 16, 2 heads of 4 (one KV head), vocab 10 unless ``dims`` say otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=10, tie_word_embeddings=tied)
+    values.update(dims)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **values))
+
+
+def tiny_spec(layers: int = 2, targets: tuple[str, ...] = ("q_proj", "v_proj"), **changes) -> planner.RunSpec:
+    shape = planner.shape_from_model(tiny_llama(layers), list(targets))
+    spec = planner.RunSpec(model=shape, world_size=2, gpus_per_node=2, device="cuda", dtype="bfloat16", lora_r=2,
+                           lora_dropout=0.1, target_modules=targets, micro_batch_size=1, seq_len=4, grad_accum=1,
+                           packing=False, gradient_checkpointing=False, attn_implementation="flash_attention_2",
+                           zero=planner.ZeroSettings(param_persistence_threshold=10))
+    return replace(spec, **changes)
+
+
+# ----------------------------------------------------------------------------- counting
+
+
+def test_parameters_are_counted_from_the_config_and_a_tied_embedding_once():
+    # By hand, hidden 8, MLP 16, head_dim 4, one KV head, vocab 10:
+    # embedding 10*8 = 80; a layer: q 8*8=64, k 8*4=32, v 32, o 64, gate/up/down 16*8=128 each, 2 norms of 8
+    # = 592; final norm 8; an untied lm_head another 80.
+    layer = 64 + 32 + 32 + 64 + 3 * 128 + 2 * 8
+    tied = planner.shape_from_model(tiny_llama(tied=True), ["q_proj", "v_proj"])
+    untied = planner.shape_from_model(tiny_llama(tied=False), ["q_proj", "v_proj"])
+    assert tied.total_params == 80 + 2 * layer + 8 == 1272
+    assert untied.total_params == 80 + 2 * layer + 8 + 80 == 1352
+    assert tied.tied_embeddings and not untied.tied_embeddings
+    assert sum(tied.layer_param_numels) == layer
+    assert tied.target_shapes == {"q_proj": (8, 8), "v_proj": (8, 4)}
+    assert tied.largest_weight_numel == 128 and (tied.num_heads, tied.num_kv_heads, tied.head_dim) == (2, 1, 4)
+
+
+def test_shipped_configs_give_the_published_parameter_counts():
+    # Published sizes (model cards): Llama-2-7B 6,738,415,616; Llama-2-70B 68,976,648,192;
+    # Llama-3-70B 70,553,706,496; SmolLM2-135M 134,515,008 (tied embeddings).
+    published = {"meta-llama/Llama-2-7b-hf": 6_738_415_616, "meta-llama/Llama-2-70b-hf": 68_976_648_192,
+                 "meta-llama/Meta-Llama-3-70B": 70_553_706_496, "builtin:smollm2-135m-instruct": 134_515_008}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name, count in published.items():
+        values = dict(planner.KNOWN_MODEL_CONFIGS[name])
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
+        assert planner.shape_from_model(model, ["q_proj"]).total_params == count, name
+
+
+def test_lora_counts_per_stage():
+    # r=2 on q (8->8) and v (8->4): A is r x in, B is out x r: q 16+16, v 16+8 = 56 per layer.
+    spec = tiny_spec(layers=4)
+    per_layer = 2 * 8 + 8 * 2 + 2 * 8 + 4 * 2
+    sampling, frozen = planner.lora_matrix_numels(spec, "sampling")
+    assert sum(sampling) == 4 * per_layer and not frozen
+    assert sum(planner.lora_matrix_numels(spec, "main")[0]) == 4 * per_layer  # all kept: no shared LoRA
+    half = replace(spec, kept_fraction=0.5)
+    assert sum(planner.lora_matrix_numels(half, "main")[0]) == 3 * per_layer  # 2 kept + 1 shared per type
+    frozen_shared = replace(half, train_shared=False)
+    trainable, frozen = planner.lora_matrix_numels(frozen_shared, "main")
+    assert (sum(trainable), sum(frozen)) == (2 * per_layer, per_layer)
+    assert planner.stages_of(replace(spec, loradrop=False)) == ["main"]
+
+
+# ----------------------------------------------------------------------------- ZeRO-3
+
+
+def test_partition_is_ceil_of_numel_over_world():
+    assert [planner.partition_numel(n, 4) for n in (1, 4, 10, 12, 13)] == [1, 1, 3, 3, 4]
+
+
+def test_base_shard_partitions_each_parameter_and_keeps_persistent_ones_whole():
+    # world 3, persistence threshold 10, bf16 (2 bytes). Tied tiny model:
+    # embedding 80 -> ceil(80/3)=27; a layer: q 64->22, k 32->11, v 32->11, o 64->22, gate/up/down
+    # 128->43 each, and two norms of 8 (<= 10: persistent, so whole plus their partition of 3);
+    # the final norm likewise.
+    shape = planner.shape_from_model(tiny_llama(), ["q_proj"])
+    zero = planner.ZeroSettings(param_persistence_threshold=10)
+    elements = 27 + 2 * (22 + 11 + 11 + 22 + 3 * 43 + 2 * (8 + 3)) + (8 + 3)
+    assert planner.zero3_param_bytes(shape.param_numels, 2, 3, zero) == 2 * elements
+
+
+def test_hpz_secondary_partition_is_the_padded_size_over_the_group():
+    # 100 elements on 16 ranks pad to 112; a group of 8 holds 112/8 = 14 each. The persistent
+    # 5-element parameter has no secondary copy.
+    hpz = planner.ZeroSettings(param_persistence_threshold=10, hpz_partition_size=8)
+    assert planner.hpz_secondary_bytes([100, 5], 2, 16, hpz) == 14 * 2
+    assert planner.hpz_secondary_bytes([100], 2, 16, replace(hpz, hpz_partition_size=1)) == 0
+
+
+def test_gathered_working_set_follows_reuse_distance_prefetch_and_max_live():
+    # Partitioned elements (threshold 10): embedding 80 + 2 layers of 64+32+32+64+3*128 = 576 -> 1232.
+    spec = tiny_spec()
+    assert planner.gathered_numel(spec) == 1232  # reuse distance 1e9: everything used stays gathered
+    # reuse 100 -> 50 held + the working layer 576 + prefetch up to max live 700: 74 more.
+    small = replace(spec, zero=replace(spec.zero, max_reuse_distance=100, max_live_parameters=700,
+                                       prefetch_bucket_size=1000))
+    assert planner.gathered_numel(small) == 50 + 576 + 74
+    no_room = replace(small, zero=replace(small.zero, max_live_parameters=100))
+    assert planner.gathered_numel(no_room) == 50 + 576
+
+
+def test_optimizer_state_reuses_an_fp32_lora_partition_as_master():
+    # world 2; LoRA matrices per layer 16, 16, 16, 8 -> partitions 8, 8, 8, 4 = 28 per layer, 2 layers.
+    # fp32 adapters: exp_avg + exp_avg_sq (stage3 reuses the fp32 partition as master);
+    # bf16 adapters: plus an fp32 master copy.
+    partitions = 2 * 28
+    fp32 = planner.stage_estimate(tiny_spec(), "sampling").device_rows["AdamW state (fp32)"]
+    bf16 = planner.stage_estimate(tiny_spec(lora_dtype="bfloat16"), "sampling").device_rows["AdamW state (fp32)"]
+    assert fp32 == partitions * 4 * 2
+    assert bf16 == partitions * 4 * 3
+
+
+def test_parameter_offload_moves_partitions_to_host_ram():
+    # world 2, threshold 10, bf16 base: partitions are embedding 40 + per layer (32+16+16+32+3*64 + norms 4+4)
+    # = 296, twice, + final norm 4 = 636 elements = 1272 bytes; fp32 LoRA partitions 2 * (8+8+8+4) = 56 -> 224
+    # bytes. The five persistent norms stay whole on the GPU (5 * 8 * 2 = 80 bytes); the fp32 master is
+    # cloned (3 x 4 bytes per LoRA element) because the partition no longer sits on the optimizer's device.
+    spec = tiny_spec(zero=planner.ZeroSettings(param_persistence_threshold=10, offload_param="cpu"))
+    rows = planner.stage_estimate(spec, "sampling")
+    assert rows.device_rows["frozen base shard"] == 80
+    assert rows.host_rows["offloaded state, 2 ranks"] == 2 * (1272 + 224)
+    assert rows.device_rows["AdamW state (fp32)"] == 56 * 4 * 3
+
+
+def test_zero_settings_take_deepspeed_defaults_and_the_engine_auto_rules():
+    defaults = planner.ZeroSettings.from_ds_config({"zero_optimization": {"stage": 3}})
+    # deepspeed/runtime/zero/config.py defaults
+    assert (defaults.prefetch_bucket_size, defaults.param_persistence_threshold, defaults.max_live_parameters,
+            defaults.max_reuse_distance, defaults.reduce_bucket_size) == (5e7, 1e5, 1e9, 1e9, 5e8)
+    cfg = load_config(REPO / "recipes" / "llama3_70b_loradrop.yaml")
+    shape = planner.read_model_shape(cfg.model, cfg.lora.target_modules)
+    spec = planner.spec_from_config(cfg, shape, 8, 8, "cuda")
+    # "auto" (engine.zero3_auto_values): prefetch max(0.9 * 8192^2, 28672 * 8192) = 234,881,024;
+    # persistence max(10 * 8192, 16 * 28672) = 458,752; reduce bucket 8192^2.
+    assert spec.zero.prefetch_bucket_size == 28672 * 8192
+    assert spec.zero.param_persistence_threshold == 16 * 28672
+    assert spec.zero.reduce_bucket_size == 8192 * 8192
+    assert spec.zero.communication_data_type == "fp32"
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def test_layer_activations_by_hand():
+    # bf16 base (a=2), fp32 LoRA (lb=4), dropout on CUDA (bool mask, 1 byte), flash-attn, r=2 on all
+    # seven modules; h=8, f=16, 2 query heads and 1 KV head of 4:
+    #   norms 2*(4*8 + 4) = 72; attention 2*(2*8 + 2*4) + 4*2 = 56; MLP 3*2*16 = 96;
+    #   LoRA: (4+1)*8 for each of the six modules reading width 8, (4+1)*16 for down, r*4 = 8 each: 376.
+    spec = tiny_spec(targets=tuple(ALL_LINEAR))
+    assert planner.layer_activation_bytes_per_token(spec) == 72 + 56 + 96 + (6 * 40 + 80 + 7 * 8) == 600
+    # sdpa with a padding mask: key/value repeated to both heads (+2*2*4) and the mask row a*s (+2*4).
+    sdpa = replace(spec, attn_implementation="sdpa")
+    assert planner.layer_activation_bytes_per_token(sdpa) == 600 + 16 + 8
+
+
+def test_checkpointing_stores_only_layer_inputs():
+    # Without checkpointing every layer keeps its 600 bytes per token; with it, the layer input
+    # (a*h = 16 bytes) and one layer rebuilt at a time: the stored part shrinks 600/16 = 37.5x.
+    spec = tiny_spec(targets=tuple(ALL_LINEAR), micro_batch_size=3, seq_len=5)
+    tokens = 15
+    off = planner.activation_estimate(spec, checkpointing=False)
+    on = planner.activation_estimate(spec, checkpointing=True)
+    assert off.stored_layers == 2 * 600 * tokens and on.stored_layers == 2 * 16 * tokens
+    assert off.stored_layers / on.stored_layers == 37.5
+    assert on.recomputed_layer == 600 * tokens and off.recomputed_layer == 0
+    # the head: fp32 copy in the final norm (4*8+4) and bf16 logits (2*10) per token; the loss 12*V.
+    assert on.head == (36 + 20) * tokens and on.loss == 120 * tokens
+    assert on.peak < off.peak
+
+
+def _saved_bytes_of_layer(model: torch.nn.Module, layer: torch.nn.Module, **inputs) -> int:
+    """Bytes of the tensors autograd saves for backward that ``layer`` adds (each storage
+    once; parameters, and tensors an earlier layer saved already, such as the rotary
+    tables, excluded): measured, independently of the planner."""
+    earlier = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    added: dict[int, int] = {}
+    inside = [False]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if not inside[0]:
+            earlier.add(storage.data_ptr())
+        elif storage.data_ptr() not in earlier:
+            added.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    layer.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs)
+    return sum(added.values())
+
+
+@pytest.mark.parametrize("dtype,dropout", [("bfloat16", 0.1), ("float32", 0.0)])
+def test_layer_activation_formula_matches_what_autograd_saves(dtype, dropout):
+    """A real tiny LLaMA with peft LoRA (fp32 adapters) on CPU, sdpa, a padded batch: the
+    planner's per-layer bytes equal the storages autograd keeps for the middle layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = tiny_llama(layers=3, tied=False, device="cpu", hidden_size=64, intermediate_size=176,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128).to(getattr(torch, dtype))
+    model.config._attn_implementation = "sdpa"
+    shape = planner.shape_from_model(model, ALL_LINEAR)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()  # as with checkpointing: every layer's input carries a gradient
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=ALL_LINEAR))
+    model.train()
+    batch, seq = 2, 32
+    ids = torch.randint(0, 128, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, -5:] = 0
+    layer = model.base_model.model.model.layers[1]
+    measured = _saved_bytes_of_layer(model, layer, input_ids=ids, attention_mask=mask, labels=ids)
+    spec = planner.RunSpec(model=shape, world_size=1, gpus_per_node=1, device="cpu", dtype=dtype, lora_r=4,
+                           lora_dropout=dropout, target_modules=tuple(ALL_LINEAR), micro_batch_size=batch,
+                           seq_len=seq, grad_accum=1, packing=False, gradient_checkpointing=False,
+                           attn_implementation="sdpa")
+    assert planner.layer_activation_bytes_per_token(spec) * batch * seq == measured
+
+
+# ----------------------------------------------------------------------------- recipes and the check
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """Any connection attempt fails the test; the builtin model counts as not yet converted."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the planner tried to reach the network: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("LORADROP_CACHE", str(tmp_path / "empty-cache"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_resolves_through_the_planner_without_network(recipe, no_network):
+    cfg = load_config(recipe)
+    plan = planner.plan_for_config(cfg, 8, 8, 80 * 10**9, None)
+    assert plan.spec.model.source == "shipped copy of the public config.json"
+    assert [s.stage for s in plan.stages] == (["sampling", "main"] if cfg.loradrop.enabled else ["main"])
+    assert all(s.device_total > 0 for s in plan.stages)
+    assert "verdict:" in planner.format_plan(plan)
+
+
+def test_check_refuses_70b_on_one_24gb_gpu_and_says_what_to_change(no_network):
+    cfg = load_config(REPO / "recipes" / "llama3_70b_loradrop.yaml")
+    message = planner.check_memory(cfg, 1, 1, 24 * 10**9, None)
+    assert message is not None and "\n" not in message
+    assert "train.skip_memory_check=true" in message
+    assert "deepspeed=ds_configs/zero3_offload_param.json" in message or "GPUs" in message
+    assert planner.check_memory(cfg, 8, 8, 80 * 10**9, None) is None
+
+
+def test_check_on_cpu_counts_every_rank_against_host_ram(no_network):
+    cfg = load_config(REPO / "recipes" / "default.yaml")
+    assert planner.check_memory(cfg, 2, 2, None, 24 * planner.GiB) is None
+    message = planner.check_memory(cfg, 2, 2, None, 2 * planner.GiB)
+    assert message is not None and "host RAM" in message and "train.skip_memory_check=true" in message
+    assert "GPUs" not in message  # no GPU advice for a CPU run
+
+
+def test_peft_anchor_llama2_70b_on_8_h100_is_within_15_percent_of_64_gib():
+    """peft docs: Llama-2-70B LoRA, ZeRO-3, 8 x H100 80GB, 2048 packed, micro-batch 8,
+    checkpointing, flash-attn: about 64 GB per GPU (see planner.PEFT_ANCHOR_BYTES)."""
+    plan = planner.estimate(planner.peft_anchor_spec(), 80 * planner.GiB, None)
+    (stage,) = plan.stages
+    assert abs(stage.device_total / planner.PEFT_ANCHOR_BYTES - 1) <= 0.15
+    assert stage.lora_params == 80 * 8 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
+
+
+def test_sizes_parse_with_their_units():
+    assert planner.parse_size("80GB") == 80 * 10**9
+    assert planner.parse_size("80GiB") == 80 * 2**30
+    assert planner.parse_size("1.5 tb") == 1_500_000_000_000
+    for bad in ("80", "eighty GB", "80 GBs", ""):
+        with pytest.raises(ValueError):
+            planner.parse_size(bad)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    sys.path.insert(0, str(REPO / "launch"))
+    import plan as plan_cli
+
+    code = plan_cli.main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_prints_a_table_per_stage_and_a_verdict(capsys, no_network):
+    code, out, err = run_cli(capsys, "--config", str(REPO / "recipes" / "llama2_7b_loradrop.yaml"), "--nodes", "1",
+                             "--gpus-per-node", "8", "--gpu-mem", "80GB")
+    assert code == 0, err
+    for row in ("frozen base shard", "gathered working set", "LoRA parameters", "AdamW state", "activations",
+                "total per GPU", "host RAM", "sampling (LoRA everywhere)", "main (all layers kept"):
+        assert row in out, row
+    assert out.rstrip().splitlines()[-1].startswith("verdict: fits")
+
+
+def test_cli_exit_codes_and_one_line_errors(capsys, no_network):
+    code, out, err = run_cli(capsys, "--config", str(REPO / "recipes" / "llama3_70b_loradrop.yaml"),
+                             "--gpus-per-node", "1", "--gpu-mem", "24GB")
+    assert code == 1 and "verdict: does not fit" in out and "train.skip_memory_check=true" in out
+    for args, needle in ((["--config", "recipes/missing.yaml", "--gpu-mem", "80GB"], "no such file"),
+                         (["--gpu-mem", "eighty"], "not a memory size"),
+                         (["--nodes", "x", "--gpu-mem", "80GB"], "--nodes"),
+                         ([], "--gpu-mem is required")):
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and not out, args
+        assert err.count("\n") == 1 and err.startswith("error:") and needle in err, err
+
+
+def test_cli_runs_as_a_script():
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), "--gpu-mem", "80"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and proc.stderr.count("\n") == 1
