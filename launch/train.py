@@ -262,7 +262,8 @@ def tokenize_data(cfg: config_lib.Config, tokenizer: Any, build: bool
     eval_set = None
     if cfg.data.eval_file:
         eval_set, _ = data_lib.prepare_tokenized(cfg.data.eval_file, "data.eval_file", tokenizer, cfg.data, cache,
-                                                 build=build, label_names=train_set.label_names)
+                                                 build=build, split=cfg.data.eval_split,
+                                                 label_names=train_set.label_names)
     elif cfg.data.eval_split_ratio > 0:
         train_rows, eval_rows = data_lib.split_for_eval(len(train_set), cfg.data.eval_split_ratio, cfg.seed)
         train_set, eval_set = train_set.subset(train_rows), train_set.subset(eval_rows)
@@ -309,6 +310,14 @@ def check_shared_output_dir(out_dir: Path, marker: str, info: DistInfo) -> None:
             "every rank writes its checkpoint shards there, so it must be on storage that all nodes share")
 
 
+def data_view(inputs: Inputs) -> tuple:
+    """What must be equal on every rank: the data's cache keys (content, tokenizer,
+    settings), sizes, and the step count derived from them."""
+    ev = inputs.eval_set
+    return (inputs.train_set.cache_key, len(inputs.train_set), ev.cache_key if ev else None, len(ev) if ev else 0,
+            len(inputs.sample), inputs.main_steps)
+
+
 def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
     out_dir = Path(cfg.output_dir)
     if cfg.model.path.startswith(BUILTIN_PREFIX):  # one conversion per machine; the others wait
@@ -328,6 +337,13 @@ def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
     finally:
         if info.is_main:
             (out_dir / marker).unlink(missing_ok=True)
+    # Every rank must see the same data: a node whose copy of a file (or tokenizer) differs
+    # would index other rows and, with epochs or packing, run another number of steps.
+    views = run_on_every_rank(info, "data agreement", lambda: data_view(inputs), USER_ERRORS, gather=True)
+    differs = next((r for r, view in enumerate(views) if view != views[0]), None)
+    if differs is not None:  # the same list on every rank: every rank stops here with this message
+        raise data_lib.DataError(f"rank {differs} sees other data than rank 0 ({views[differs]} against {views[0]}): "
+                                 "every node needs the same data files and tokenizer")
     if info.is_main:
         log.info("data: %d training examples, %s eval, sampling subset %d, main stage %d steps", len(inputs.train_set),
                  len(inputs.eval_set) if inputs.eval_set is not None else "no", len(inputs.sample), inputs.main_steps)

@@ -48,9 +48,10 @@ class DataConfig:
     # messages: a chat column (`messages` of {role, content}, or ShareGPT's `conversations`
     # of {from, value}) rendered with the tokenizer's chat template, loss on assistant turns.
     format: Literal["template", "alpaca", "messages"] = "template"
-    # Hub datasets only: the configuration name and the split to train on.
+    # Hub datasets only: the configuration name, the split to train on and the one to evaluate on.
     name: Optional[str] = None
     split: str = "train"
+    eval_split: str = "validation"
     # With no eval_file: carve this fraction of the training rows (seeded) as the eval set.
     eval_split_ratio: float = 0.0
     # Python format strings over the dataset's columns (data.format=template). The loss is
@@ -64,7 +65,7 @@ class DataConfig:
     max_eval_examples: Optional[int] = None
     # Several examples per row up to max_seq_len; attention stays inside each example.
     packing: bool = False
-    # Tokenisation processes on each node's local rank 0 (null: up to 8, one per CPU core).
+    # Tokenisation processes on each node's local rank 0 (null: one per CPU core up to 8, one for small sets).
     num_proc: Optional[int] = None
 
 
@@ -295,6 +296,11 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= data.eval_split_ratio < 1.0, f"data.eval_split_ratio must be in [0, 1), got {data.eval_split_ratio}")
     _check(not (data.eval_split_ratio > 0 and data.eval_file),
            "data.eval_split_ratio carves an eval set only when there is no data.eval_file; set data.eval_file=null")
+    local = Path(data.train_file).suffix.lower() in (".json", ".jsonl", ".parquet")
+    _check(not (data.eval_file == data.train_file and (local or data.eval_split == data.split)),
+           f"data.eval_file is the training data ({data.train_file}, split {data.split}): evaluation would score "
+           "examples it trained on; set data.eval_split to a held-out split (hub datasets), or data.eval_file=null "
+           "data.eval_split_ratio=0.05 to carve one")
     _check(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 or null, got {data.num_proc}")
     _check(train.lr > 0, f"train.lr must be > 0, got {train.lr}")
     _check(train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {train.micro_batch_size}")
@@ -310,6 +316,7 @@ def validate(cfg: Config) -> None:
     _check(data.max_eval_examples is None or data.max_eval_examples >= 1,
            f"data.max_eval_examples must be >= 1 or null, got {data.max_eval_examples}")
     _check(bool(cfg.output_dir), "output_dir must be set")
+    _check(cfg.seed >= 0, f"seed must be >= 0 (it seeds numpy's generators), got {cfg.seed}")
     _check(cfg.dist.timeout_minutes > 0, f"dist.timeout_minutes must be > 0, got {cfg.dist.timeout_minutes}")
     # peft keeps the adapters in fp32 on a half-precision base, so ZeRO-3 takes fp32 as the
     # trainable dtype and DeepSpeed's fp16 loss scaler stays static at 1.0: gradients through

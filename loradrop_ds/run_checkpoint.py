@@ -44,7 +44,8 @@ STAGES = ("sampling", "main")
 _NAME = re.compile(r"^(sampling|main)-step(\d{7})$")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.save_probe_logits", "data.max_eval_examples"}
+                     "train.keep_last", "train.save_probe_logits", "data.max_eval_examples", "data.num_proc",
+                     "train.report_to", "train.skip_memory_check"}
 
 
 class CheckpointError(ValueError):

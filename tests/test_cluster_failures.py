@@ -46,6 +46,23 @@ def test_a_data_file_missing_on_one_node_stops_both(tiny_model, tmp_path, failin
     assert not (out / "config.yaml").exists()  # nothing was written before every rank's inputs were accepted
 
 
+def test_a_data_file_that_differs_between_nodes_stops_both(tiny_model, tmp_path):
+    """Each node has its own copy of the training file at the same path; node 1's differs
+    in one row: the ranks would index different rows."""
+    rows = (REPO / "data" / "wordnet_categories" / "train.jsonl").read_text().splitlines()
+    copies = []
+    for node in range(2):
+        path = tmp_path / f"node{node}" / "train.jsonl"
+        path.parent.mkdir()
+        path.write_text("\n".join(rows if node == 0 else [rows[0].replace("a", "b", 1), *rows[1:]]) + "\n")
+        copies.append([f"data.train_file={path}"])
+    procs, out = two_node_run(tiny_model, tmp_path, copies)
+    lines = [error_line(p.stderr) for p in procs]
+    assert lines[0] == lines[1] and "rank 1 sees other data than rank 0" in lines[0], lines
+    assert [worker_exit_code(p.stdout + p.stderr) for p in procs] == [2, 2]
+    assert not (out / "config.yaml").exists()
+
+
 def test_an_output_dir_that_is_not_shared_stops_both_before_training(tiny_model, tmp_path):
     """The same output_dir path on two machines that do not share it: here, node 1's path
     simply differs from node 0's."""

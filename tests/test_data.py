@@ -192,6 +192,14 @@ def test_chat_errors_are_named(chat_tokenizer):
                           {"messages": [{"role": "user", "content": "x"}]}], chat_tokenizer, c, "t")
     with pytest.raises(DataError, match="unknown ShareGPT role 'robot'"):
         tokenize_records([{"conversations": [{"from": "robot", "value": "x"}]}], chat_tokenizer, c, "t")
+    # A generation prompt that a finished turn does not start with (as in templates that open
+    # a reasoning block only when generating): the reply's start cannot be located.
+    thinking = type(chat_tokenizer).from_pretrained(chat_tokenizer.name_or_path)
+    thinking.chat_template = CHAT_TEMPLATE.replace("<|assistant|>\n{% endif %}", "<|assistant|>\n<think>\n{% endif %}")
+    with pytest.raises(DataError, match="does not render the start of a conversation"):
+        tokenize_records([{"messages": [{"role": "user", "content": "x"},
+                                        {"role": "assistant", "content": "a reply longer than the prompt"}]}],
+                         thinking, c, "t")
     with pytest.raises(DataError, match="no assistant token within data.max_seq_len=4"):
         tokenize_records([{"messages": [{"role": "user", "content": "a long question"},
                                         {"role": "assistant", "content": "y"}]}], chat_tokenizer,
@@ -236,7 +244,13 @@ def test_a_failed_tokenisation_leaves_no_entry(tmp_path):
 # ------------------------------------------------------------------ loading, splits
 
 
-def test_load_records_errors(tmp_path):
+def test_load_records_errors(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # The hub case below must fail fast here (no network): offline, as on the CI machine.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="no such file"):
         load_records(str(tmp_path / "x.jsonl"), "data.train_file")
     (tmp_path / "e.jsonl").write_text("\n")
