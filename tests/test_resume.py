@@ -33,7 +33,11 @@ def assert_same_run(out, ref):
     assert mine.keys() == theirs.keys()
     for k in theirs:
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-6, atol=1e-6)
-    assert json.loads((out / "selection.json").read_text())["kept"] == json.loads((ref / "selection.json").read_text())["kept"]
+    # The selection's inputs, not only its outcome: the statistics summed over the sampling
+    # stage (including the steps before the kill, restored from the checkpoint) and the tokens.
+    mine, theirs = (json.loads((d / "selection.json").read_text()) for d in (out, ref))
+    assert mine["kept"] == theirs["kept"] and mine["token_count"] == theirs["token_count"]
+    assert mine["raw_sums"] == pytest.approx(theirs["raw_sums"], rel=1e-6)
 
 
 @pytest.fixture
@@ -100,13 +104,20 @@ def test_checkpoint_holds_no_frozen_base_weights(reference_run, tiny_model):
     assert ds_bytes < 12 * adapter_bytes, (ds_bytes, adapter_bytes)
 
 
-def test_resume_refuses_other_settings_world_size_and_never(tiny_model, reference_run, tmp_path):
+def test_resume_refuses_a_finished_run_other_settings_and_never(tiny_model, reference_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(reference_run, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    proc = run_python([str(TRAIN), *args(tiny_model, run)])  # resume=auto on a finished run
+    assert proc.returncode == 2 and "holds a finished run (summary.json, adapter)" in proc.stderr, proc.stderr[-2000:]
+    assert "overwrite=true" in proc.stderr and "new output_dir" in proc.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # not a byte changed
+    (run / "summary.json").unlink()  # as if killed after its last checkpoint, before the end
+    shutil.rmtree(run / "adapter")
     proc = run_python([str(TRAIN), *args(tiny_model, run, "lora.r=4")])
     assert proc.returncode == 2 and "lora.r: checkpoint 8, now 4" in proc.stderr, proc.stderr[-2000:]
-    proc = run_python([str(TRAIN), *args(tiny_model, run)])  # 1 rank, checkpoint from 2
-    assert proc.returncode == 2 and "was written by 2 ranks, this run has 1" in proc.stderr, proc.stderr[-2000:]
+    proc = run_python([str(TRAIN), *args(tiny_model, run, "train.grad_accum=3")])  # 1 rank, another global batch
+    assert proc.returncode == 2 and "train.grad_accum: checkpoint 1, now 3" in proc.stderr, proc.stderr[-2000:]
     proc = run_python([str(TRAIN), *args(tiny_model, run, "resume=never")])
     assert proc.returncode == 2 and "already holds a run and resume=never" in proc.stderr
     proc = run_python([str(TRAIN), *args(tiny_model, run, f"resume={tmp_path}/nothing")])
