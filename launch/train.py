@@ -74,6 +74,9 @@ from loradrop_ds.model import (  # noqa: E402
     ModelError,
     ModuleInfo,
     cache_dir,
+    check_architecture,
+    check_tokenizer_fits,
+    check_weight_files,
     describe_modules,
     load_model,
     load_model_config,
@@ -221,7 +224,10 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     and (rank 0) that output_dir is writable. Each node's local rank 0 also tokenises the
     data into the cache (read_data reads it on every rank). Runs on every rank; raises
     one of USER_ERRORS for bad input."""
-    modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules, cfg.model.trust_remote_code)
+    model_config = load_model_config(cfg.model)
+    check_architecture(model_config, cfg.model.path)
+    check_weight_files(cfg.model.path)  # headers only: missing shards, truncated files
+    modules = describe_modules(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
     attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
     ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(modules, cfg.lora.r))
     if not cfg.train.skip_memory_check:  # the estimate of launch/plan.py against this machine
@@ -232,10 +238,11 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
         if problem is not None:
             raise config_lib.ConfigError(problem)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
+    check_tokenizer_fits(tokenizer, model_config, cfg.model.tokenizer or cfg.model.path)
     plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
     out_dir = Path(cfg.output_dir)
-    resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir)
+    resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir, cfg.overwrite)
     if resume is not None:
         ckpt.check_compatible(resume[1], config_lib.to_dict(cfg), info.world_size, base, resume[0])
     if info.is_main:
@@ -356,6 +363,8 @@ def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
             return
         if state is not None:
             ckpt.truncate_metrics(out_dir, state.stage, state.step)
+        elif cfg.overwrite:  # said so explicitly: the earlier run is moved aside, not deleted
+            ckpt.move_run_aside(out_dir)
         elif (out_dir / "metrics.jsonl").exists():  # a run that died before its first checkpoint
             os.replace(out_dir / "metrics.jsonl", out_dir / "metrics.jsonl.previous")
         write_text_atomic(out_dir / "config.yaml", config_lib.dump_yaml(cfg))
@@ -427,9 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = run.micro_batches(range(len(run.inputs.train_set)), cfg.seed + 1)
     start_step = 0
     if resumed is not None and resumed.stage == "main":
-        ckpt.load_engine_state(engine, run.resume_path)
-        ckpt.restore_rng(run.resume_path, info)
-        batches.stream.position, start_step = resumed.stream_position, resumed.step
+        restore_engine(run, engine, batches)
+        start_step = resumed.step
     if "zero_shot" not in run.results:  # plain LoRA: B = 0, so this is the base model
         run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
         run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
@@ -463,6 +471,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def restore_engine(run: Run, engine: Any, batches: data_lib.MicroBatches) -> None:
+    """Weights, optimizer, scheduler, RNG and data position from the checkpoint resumed.
+    On the checkpoint's number of ranks: DeepSpeed's own per-rank shards, exactly. On
+    another: its rank-independent full_state.pt, each rank's RNG seeded afresh, and the
+    data position mapped to the same place in the same epoch order."""
+    state, path, info = run.resumed, run.resume_path, run.info
+    if state.world_size == info.world_size:
+        ckpt.load_engine_state(engine, path)
+        batches.stream.position = state.stream_position
+    else:
+        ckpt.load_full_state(engine, path)
+        old_group = state.config["train"]["micro_batch_size"] * state.world_size
+        batches.stream.position = ckpt.map_stream_position(state.stream_position, len(batches.stream.items),
+                                                           old_group, batches.stream.group)
+        log.info("resumed on %d ranks from a checkpoint of %d: data position %d -> %d", info.world_size,
+                 state.world_size, state.stream_position, batches.stream.position)
+    ckpt.restore_rng(path, info, state, run.cfg.seed)
+
+
 def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[dict[str, torch.Tensor]]]:
     """Stages 2 and 3: train LoRA everywhere on the subset while recording LoRA output
     norms, then select. Returns ``(selection, base, hf_ds_config, warm_state or None)``:
@@ -479,10 +506,9 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
     batches = run.micro_batches(run.inputs.sample, cfg.seed)
     start_step = 0
     if resumed is not None:  # mid-sampling: weights, optimizer, data position, RNG and statistics
-        ckpt.load_engine_state(engine, resume_path)
-        ckpt.restore_rng(resume_path, info)
-        recorder.stats = ckpt.load_rank_stats(resume_path, info, info.device)
-        batches.stream.position, start_step = resumed.stream_position, resumed.step
+        restore_engine(run, engine, batches)
+        recorder.stats = ckpt.load_rank_stats(resume_path, info, info.device, resumed.world_size)
+        start_step = resumed.step
     else:
         # LoRA's B starts at zero, so this is the base model's zero-shot score.
         run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")

@@ -8,6 +8,8 @@ names the offending key, raised before any model or data is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +143,9 @@ class Config:
     # auto: continue from the newest complete checkpoint in output_dir (or start fresh);
     # never: start fresh, refusing a directory that already holds a run; else a checkpoint path.
     resume: str = "auto"
+    # true: start afresh in an output_dir that holds an earlier (finished or checkpoint-less)
+    # run, moving its files aside into output_dir/overwritten-<time>/ once every input is checked.
+    overwrite: bool = False
     deepspeed: str = "ds_configs/zero3.json"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,16 +194,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf, nan, 1e999: training would only produce NaNs
+                raise ConfigError(f"{key}: {value!r} is not a finite number; give a finite value")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (dict, list)):  # `x={column}` is a YAML flow mapping, not text
+            raise ConfigError(f"{key}: expected str, got {type(value).__name__} {value!r} (YAML reads {{...}} and "
+                              f"[...] as structures); quote the text, e.g. \"{key}='...'\"")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
@@ -226,15 +239,37 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError, text: str) -> tuple[int, str]:
+    """(1-based line, what is wrong) of a YAML error, with a hint for tabs."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+        problem = f"{getattr(e, 'problem', None) or e}, column {column}"
+    else:  # ReaderError: a character YAML does not accept, at a character position
+        position = getattr(e, "position", 0) or 0
+        line = text.count("\n", 0, position) + 1
+        problem = str(getattr(e, "reason", None) or e).splitlines()[0]
+    if "\t" in problem or "\\t" in problem:
+        problem += " (YAML indents with spaces, not tabs)"
+    return line, problem
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["train.lr=1e-4", "lora.target_modules=[q_proj,v_proj]"]`` -> nested dict."""
     tree: dict = {}
     for item in overrides:
+        if any("\ud800" <= ch <= "\udfff" for ch in item):  # bytes the shell passed that are not UTF-8
+            raise ConfigError(f"override {item!r} contains bytes that are not UTF-8; retype it in UTF-8")
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         # YAML gives ints, floats, bools, null and [lists]; anything else stays a string.
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            line, problem = _yaml_problem(e, raw)
+            raise ConfigError(f"override {item!r}: the value is not valid YAML (line {line}: {problem}); "
+                              f"quote it for YAML inside the shell's quotes, e.g. \"{key.strip()}='...'\"") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -257,7 +292,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file (recipes live in recipes/)")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: a recipe must be a YAML mapping of settings")
         data = loaded or {}
@@ -265,6 +300,44 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed YAML file, or a ConfigError naming the file and line of what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: byte {raw[e.start]:#04x} is not UTF-8; save the recipe as UTF-8") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        line, problem = _yaml_problem(e, text)
+        raise ConfigError(f"{path}:{line}: not valid YAML ({problem}); fix that line of the recipe") from None
+
+
+def template_problem(template: str) -> Optional[str]:
+    """What keeps ``template.format(**row)`` from rendering a row, or None. Fields must be
+    plain column names: no positional ``{}``/``{0}``, no ``{a.b}``/``{a[0]}``, balanced braces
+    (a literal brace is written ``{{`` or ``}}``)."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        return f"{e} (unbalanced braces; write a literal brace as {{{{ or }}}})"
+    for _, name, spec, _ in parts:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            return f"positional field {{{name}}}; name a column instead, e.g. {{definition}}"
+        if "." in name or "[" in name:
+            return f"field {{{name}}} reads an attribute or index; name a plain column"
+        if spec and ("{" in spec or "}" in spec):
+            return f"field {{{name}:{spec}}} nests a field in its format spec; use a plain column"
+    return None
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -301,11 +374,16 @@ def validate(cfg: Config) -> None:
            f"data.eval_file is the training data ({data.train_file}, split {data.split}): evaluation would score "
            "examples it trained on; set data.eval_split to a held-out split (hub datasets), or data.eval_file=null "
            "data.eval_split_ratio=0.05 to carve one")
+    if data.format == "template":
+        for setting in ("prompt_template", "response_template"):
+            problem = template_problem(getattr(data, setting))
+            _check(problem is None, f"data.{setting}={getattr(data, setting)!r} cannot be rendered: {problem}")
     _check(data.num_proc is None or data.num_proc >= 1, f"data.num_proc must be >= 1 or null, got {data.num_proc}")
     _check(train.lr > 0, f"train.lr must be > 0, got {train.lr}")
     _check(train.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {train.micro_batch_size}")
     _check(train.grad_accum >= 1, f"train.grad_accum must be >= 1, got {train.grad_accum}")
     _check(0 <= train.warmup_steps, f"train.warmup_steps must be >= 0, got {train.warmup_steps}")
+    _check(train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {train.weight_decay}")
     _check(0.0 <= train.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping), got {train.max_grad_norm}")
     _check(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")

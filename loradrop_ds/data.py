@@ -78,6 +78,8 @@ def load_table(path_or_name: str, key: str, name: Optional[str] = None, split: s
             raise DataError(f"{key}={path_or_name}: unsupported format {suffix!r}; use .json, .jsonl or .parquet")
         if os.path.getsize(path_or_name) == 0 or (suffix != ".parquet" and _only_whitespace(path_or_name)):
             raise DataError(f"{key}={path_or_name}: the dataset is empty")
+        if suffix != ".parquet":  # datasets' JSON reader reports bad bytes without saying where
+            check_utf8(path_or_name, key)
         try:
             ds = datasets.load_dataset(_LOCAL_FORMATS[suffix], data_files=path_or_name, split="train")
         except Exception as e:  # datasets raises many types for malformed files
@@ -100,6 +102,30 @@ def _only_whitespace(path: str) -> bool:
             if chunk.strip():
                 return False
     return True
+
+
+def check_utf8(path: str, key: str, chunk_size: int = 1 << 20) -> None:
+    """Raise a DataError naming ``file:line`` of the first bytes that are not UTF-8.
+
+    Reads whole lines a chunk at a time (a newline byte never occurs inside a UTF-8
+    sequence, so a chunk cut after a newline decodes on its own)."""
+    lines_before = 0
+    tail = b""
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            data = tail + chunk
+            cut = data.rfind(b"\n") + 1 if chunk else len(data)
+            block, tail = data[:cut], data[cut:]
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = lines_before + block.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{key}={path}:{line}: byte {block[e.start]:#04x} is not UTF-8 ({e.reason}); "
+                                "save the file as UTF-8 or fix that line") from None
+            lines_before += block.count(b"\n")
+            if not chunk:
+                return
 
 
 def load_records(path_or_name: str, key: str) -> list[dict]:
@@ -159,7 +185,14 @@ def _prompt_response(batch: dict[str, list], j: int, row: int, cfg: DataConfig, 
         return prompt, str(_cell(batch, "output", j, row, key))
     fields = set(template_fields(cfg.prompt_template) + template_fields(cfg.response_template))
     values = {f: _cell(batch, f, j, row, key) for f in fields}
-    return cfg.prompt_template.format(**values), cfg.response_template.format(**values)
+    rendered = []
+    for setting in ("prompt_template", "response_template"):
+        try:  # config validation rules out bad templates; a format spec can still not fit a cell's type
+            rendered.append(getattr(cfg, setting).format(**values))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise DataError(f"{key}: row {row}: data.{setting} cannot render this row ({type(e).__name__}: {e}); "
+                            "fix the template's format spec or the row") from None
+    return rendered[0], rendered[1]
 
 
 def _chat_messages(batch: dict[str, list], j: int, row: int, key: str) -> list[dict[str, str]]:

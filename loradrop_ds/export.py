@@ -52,6 +52,12 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's, so sizes mean what they did
+# The Hub repository each builtin model was converted from: the model card's ``base_model``.
+BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as the Hub's model card metadata wants base_model
+# Bytes per element of safetensors' dtypes (others, such as packed sub-byte ones, get the offsets checked only).
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 # Settings of a peft LoRA whose merge is more than ``W += scaling * B @ A`` (or that carry weights besides A and B).
 _UNMERGEABLE_SETTINGS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "target_parameters",
                          "layer_replication")
@@ -75,6 +81,73 @@ class ExportSource:
     importance_png: Optional[Path]
 
 
+def _parsed(path: Path, read):
+    """``read(path)``, with a file that does not parse reported as an ExportError naming it."""
+    try:
+        return read(path)
+    except ExportError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as e:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; a JSON of the wrong
+        # shape gives TypeError/KeyError/AttributeError in the dataclass it is read into.
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
+            what = f"{e.problem} at line {mark.line + 1}, column {mark.column + 1}"
+        if isinstance(e, UnicodeDecodeError):
+            line = e.object[:e.start].count(b"\n") + 1
+            what = f"a byte that is not UTF-8 at line {line}"
+        raise ExportError(f"{path}: does not parse ({type(e).__name__}: {what}); the file is corrupt or was "
+                          "edited by hand") from None
+
+
+def _yaml_mapping(path: Path) -> dict:
+    data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: a YAML mapping of settings was expected, found {type(data).__name__}")
+    return data
+
+
+def _json_object(path: Path) -> dict:
+    data = json.loads(path.read_bytes().decode("utf-8"))
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: a JSON object was expected, found {type(data).__name__}")
+    return data
+
+
+def check_adapter(adapter_dir: Path) -> None:
+    """Read the adapter before anything is written: ``adapter_config.json`` must be a LoRA
+    config and ``adapter_model.safetensors`` a whole safetensors file (its header's sizes and
+    offsets add up to the file, every tensor reads back and is finite). A corrupt adapter is
+    named, never copied through."""
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise ExportError(f"{config_file}: missing; the adapter is incomplete")
+    config = _parsed(config_file, _json_object)
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
+    if str(config.get("peft_type", "LORA")).upper() != "LORA" or missing:
+        raise ExportError(f"{config_file}: not a LoRA adapter config (peft_type {config.get('peft_type')!r}"
+                          + (f", no {', '.join(missing)}" if missing else "") + ")")
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ExportError(f"{weights}: missing; the adapter is incomplete")
+    header = _read_safetensors_header(weights)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            for name in header:
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ExportError(f"{weights}: tensor {name} holds non-finite values (inf or nan); the "
+                                      "adapter is corrupt or the run diverged; export an earlier checkpoint")
+    except ExportError:
+        raise
+    except Exception as e:  # SafetensorError and friends: the file is not what its header says
+        raise ExportError(f"{weights}: corrupt, it cannot be read ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def open_source(path: str | os.PathLike) -> ExportSource:
     """A finished run directory, a checkpoint directory, or a run that has only checkpoints
     (its newest complete one is used)."""
@@ -85,22 +158,27 @@ def open_source(path: str | os.PathLike) -> ExportSource:
         problem = ckpt.verify_checkpoint(path)
         if problem:
             raise ExportError(f"{path}: not a complete checkpoint: {problem}")
-        state = ckpt.read_state(path)
-        selection = Selection.from_dict(state.selection) if state.selection else None
+        state = _parsed(path / "state.json", lambda f: ckpt.read_state(f.parent))
+        selection = _parsed(path / "state.json", lambda f: Selection.from_dict(state.selection)) \
+            if state.selection else None
         return ExportSource(path, "checkpoint", path / "adapter", state.config, selection, state.results,
                             state.base_model, None)
     if (path / "adapter" / "adapter_config.json").is_file() and (path / "config.yaml").is_file():
-        config = yaml.safe_load((path / "config.yaml").read_text())
+        config = _parsed(path / "config.yaml", _yaml_mapping)
+        model_path = config.get("model", {}).get("path") if isinstance(config.get("model"), dict) else None
+        if not isinstance(model_path, str):
+            raise ExportError(f"{path / 'config.yaml'}: no model.path setting; this is not the config.yaml a "
+                              "loradrop_ds run writes")
         sel = path / "selection.json"
         summary = path / "summary.json"
-        results = json.loads(summary.read_text()) if summary.is_file() else {}
-        newest = ckpt.list_checkpoints(path, warn=False)
-        base = newest[0][1].base_model if newest else {"path": config["model"]["path"], "config_sha256": None}
+        results = _parsed(summary, lambda f: _json_object(f)) if summary.is_file() else {}
+        newest = _parsed(path / ckpt.CHECKPOINTS, lambda f: ckpt.list_checkpoints(path, warn=False))
+        base = newest[0][1].base_model if newest else {"path": model_path, "config_sha256": None}
         png = path / "importance.png"
         return ExportSource(path, "run", path / "adapter", config,
-                            Selection.from_json(sel.read_text()) if sel.is_file() else None,
+                            _parsed(sel, lambda f: Selection.from_json(f.read_text())) if sel.is_file() else None,
                             results, base, png if png.is_file() else None)
-    found = ckpt.list_checkpoints(path, warn=True)
+    found = _parsed(path / ckpt.CHECKPOINTS, lambda f: ckpt.list_checkpoints(path, warn=True))
     if found:
         log.warning("%s has no final adapter (the run did not finish); exporting its newest checkpoint %s",
                     path, found[0][0])
@@ -113,6 +191,13 @@ def resolve_base_model(src: ExportSource, base_model: Optional[str]) -> str:
     """The base model directory for merging/loading, checked against the one trained on."""
     from .model import BUILTIN_PREFIX, prepare_builtin_model, resolve_model_path
 
+    if base_model is not None and not base_model.startswith(BUILTIN_PREFIX):
+        if not Path(base_model).is_dir():
+            raise ExportError(f"--base-model {base_model}: no such directory; give the local directory of the base "
+                              "model (a Hub copy: hf download ID --local-dir DIR), or leave --base-model out to use "
+                              "the one the run trained on")
+        if not (Path(base_model) / "config.json").is_file():
+            raise ExportError(f"--base-model {base_model}: no config.json there; it is not a model directory")
     path = base_model or src.base_model.get("path") or src.config["model"]["path"]
     if path.startswith(BUILTIN_PREFIX):
         prepare_builtin_model(path[len(BUILTIN_PREFIX):])
@@ -240,11 +325,8 @@ def _shard_size_bytes(size: str | int) -> int:
     if isinstance(size, int):
         value = size
     else:
-        text = size.strip()
-        try:
-            value = int(float(text[:-2]) * _SIZE_UNITS[text[-2:].upper()])
-        except (KeyError, ValueError):
-            value = 0
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)\s*", str(size), re.IGNORECASE)
+        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]) if m else 0
     if value <= 0:
         raise ExportError(f"--max-shard-size {size}: give a positive size such as 5GB or 500MB")
     return value
@@ -269,7 +351,7 @@ def _base_weight_files(model_dir: Path) -> list[Path]:
     if (model_dir / SAFE_WEIGHTS).is_file():
         return [model_dir / SAFE_WEIGHTS]
     if (model_dir / SAFE_INDEX).is_file():
-        weight_map = json.loads((model_dir / SAFE_INDEX).read_text())["weight_map"]
+        weight_map = _parsed(model_dir / SAFE_INDEX, lambda f: dict(_json_object(f)["weight_map"]))
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -287,10 +369,39 @@ def _base_weight_files(model_dir: Path) -> list[Path]:
 def _read_safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (8-byte little-endian length, then JSON): names,
     dtypes, shapes and byte ranges, without reading any tensor."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or length > size - 8:
+            raise ExportError(f"{path}: truncated or not a safetensors file ({size} bytes, header says {length} "
+                              "bytes of metadata)")
+        try:
+            header = json.loads(f.read(length))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise ExportError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    data_bytes, end_max = size - 8 - length, 0
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            per = _DTYPE_BYTES.get(info["dtype"], 0) if isinstance(info["dtype"], str) else None
+            want = math.prod(info["shape"]) * per if per else end - start  # per 0: a dtype not in the table
+            ok = (per is not None and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end
+                  and end - start == want)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ExportError(f"{path}: corrupt safetensors header: tensor {name} has inconsistent dtype, shape "
+                              "or offsets")
+        if end > data_bytes:
+            raise ExportError(f"{path}: truncated: tensor {name} ends at byte {end} of the data, the file holds "
+                              f"{data_bytes} ({size} bytes in all); download or copy it again")
+        end_max = max(end_max, end)
+    if end_max != data_bytes:
+        raise ExportError(f"{path}: {data_bytes - end_max} bytes more than its tensors; the file is corrupt")
     return header
 
 
@@ -307,7 +418,7 @@ def _base_tensors(files: list[Path]) -> dict[str, _BaseTensor]:
             found[name] = _BaseTensor(path, info["shape"], end - start)
     index = files[0].parent / SAFE_INDEX
     if files[0].name != SAFE_WEIGHTS and index.is_file():
-        for name, file in json.loads(index.read_text())["weight_map"].items():
+        for name, file in _parsed(index, lambda f: dict(_json_object(f)["weight_map"])).items():
             if name not in found or found[name].file.name != file:
                 raise ExportError(f"{index} maps {name} to {file}, which does not hold it; the base model is inconsistent")
     return found
@@ -330,13 +441,16 @@ def _lora_factors(adapter_dir: Path, model_dir: Path, tensors: dict[str, _BaseTe
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    config = LoraConfig.from_pretrained(str(adapter_dir))
+    config = _parsed(adapter_dir / "adapter_config.json", lambda f: LoraConfig.from_pretrained(str(adapter_dir)))
     variants = [f.name for f in fields(config) if f.metadata.get("is_lora_variant") and getattr(config, f.name)]
     unmergeable = variants + [name for name in _UNMERGEABLE_SETTINGS if getattr(config, name, None)]
     if config.peft_type != PeftType.LORA or unmergeable:
         raise ExportError(f"{adapter_dir}: the merged export merges plain LoRA only, and this adapter is "
                           f"{config.peft_type} with {unmergeable}; export it with --format peft")
-    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if not (model_dir / "config.json").is_file():
+        raise ExportError(f"base model {model_dir}: no config.json; it is not a model directory")
+    model_config = _parsed(model_dir / "config.json",
+                           lambda f: AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code))
     if getattr(model_config, "quantization_config", None):
         raise ExportError(f"base model {model_dir} is quantized; merging needs its unquantized weights")
     with torch.device("meta"):
@@ -444,14 +558,22 @@ def _stream_base_tensors(tensors: dict[str, _BaseTensor]):
                 yield name, reader.get_tensor(name)
 
 
-def _write_merged(src: ExportSource, out: Path, base_dir: str, max_shard_size: str | int) -> None:
-    """Merge shard by shard: the base's tensors are read one at a time, each LoRA-targeted
-    weight gets its delta, and every output shard is written as soon as it is full, so
-    memory holds one output shard (``max_shard_size``), the adapter and one fp32 delta,
-    whatever the model's size. The output is sharded by ``max_shard_size`` like
-    ``save_pretrained`` (one file ``model.safetensors``, or shards plus an index), each
-    tensor in the dtype the base stores it in."""
-    from safetensors.torch import save_file
+@dataclass
+class _MergePlan:
+    """Everything the merged export needs, read and checked before anything is written."""
+
+    model_dir: Path
+    trust: bool
+    tensors: dict[str, _BaseTensor]
+    factors: dict[str, _LoraFactors]
+    shards: list[list[str]]
+    max_bytes: int
+    tokenizer: object
+
+
+def _plan_merged(src: ExportSource, base_dir: str, max_shard_size: str | int) -> _MergePlan:
+    """Read and check the base (its safetensors headers against the files' sizes, so a missing
+    or truncated weight file is refused here), the adapter against it, and the tokenizer."""
     from transformers import AutoTokenizer
 
     from .model import resolve_model_path
@@ -461,16 +583,34 @@ def _write_merged(src: ExportSource, out: Path, base_dir: str, max_shard_size: s
     model_dir = _local_model_dir(base_dir)
     tensors = _base_tensors(_base_weight_files(model_dir))
     factors = _lora_factors(src.adapter_dir, model_dir, tensors, trust)
-    shards = _plan_output_shards(tensors, max_bytes)
-    # The small files first: a tokenizer that cannot be loaded fails the export before any shard is written.
+    tok_path = src.config.get("model", {}).get("tokenizer") or base_dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tok_path), trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"tokenizer {tok_path}: cannot be loaded ({type(e).__name__}); the merged export "
+                          "writes it next to the weights") from None
+    return _MergePlan(model_dir, trust, tensors, factors, _plan_output_shards(tensors, max_bytes), max_bytes,
+                      tokenizer)
+
+
+def _write_merged(plan: _MergePlan, out: Path) -> None:
+    """Merge shard by shard: the base's tensors are read one at a time, each LoRA-targeted
+    weight gets its delta, and every output shard is written as soon as it is full, so
+    memory holds one output shard (``max_shard_size``), the adapter and one fp32 delta,
+    whatever the model's size. The output is sharded by ``max_shard_size`` like
+    ``save_pretrained`` (one file ``model.safetensors``, or shards plus an index), each
+    tensor in the dtype the base stores it in."""
+    from safetensors.torch import save_file
+
+    model_dir, tensors, factors, shards, max_bytes = plan.model_dir, plan.tensors, plan.factors, plan.shards, \
+        plan.max_bytes
     for name in ("config.json", "generation_config.json"):
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, out / name)
-    if trust:  # the model's own code, which config.json's auto_map names
+    if plan.trust:  # the model's own code, which config.json's auto_map names
         for code in model_dir.glob("*.py"):
             shutil.copy2(code, out / code.name)
-    tok_path = src.config.get("model", {}).get("tokenizer") or base_dir
-    AutoTokenizer.from_pretrained(resolve_model_path(tok_path), trust_remote_code=trust).save_pretrained(out)
+    plan.tokenizer.save_pretrained(out)
 
     log.info("merging LoRA into %d of %d base tensors, %d output shard(s) of up to %s bytes",
              len(factors), len(tensors), len(shards), f"{max_bytes:,}")
@@ -498,12 +638,48 @@ def _write_merged(src: ExportSource, out: Path, base_dir: str, max_shard_size: s
 # ------------------------------------------------------------------------ model card
 
 
-def model_card(src: ExportSource, fmt: str) -> str:
+def hub_base_model(src: ExportSource, base_model_id: Optional[str] = None) -> Optional[str]:
+    """The model card's ``base_model``: a Hub id or None. ``base_model_id`` (``--base-model-id``)
+    if given; for a builtin model the Hub repository it was converted from; for a model the run
+    read from the Hub, its id; for a local directory None (the Hub would not know the path)."""
+    from .model import BUILTIN_PREFIX
+
+    if base_model_id is not None:
+        return base_model_id
+    path = src.base_model.get("path") or src.config.get("model", {}).get("path") or ""
+    if path.startswith(BUILTIN_PREFIX):
+        return BUILTIN_HUB_IDS.get(path[len(BUILTIN_PREFIX):])
+    local = path.startswith(("/", ".", "~")) or os.path.isabs(path) or Path(path).exists()
+    return path if HUB_ID.fullmatch(path) and not local else None
+
+
+def check_card_metadata(text: str, want: dict) -> None:
+    """The card's YAML metadata as the Hub reads it (``huggingface_hub.ModelCard``, offline):
+    it must round-trip to ``want`` and its ``base_model``, if any, must be a Hub id."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text).data.to_dict()
+    if data != want:
+        raise ExportError(f"model card metadata does not round-trip: wrote {want}, read back {data}")
+    base = data.get("base_model")
+    if base is not None and not (isinstance(base, str) and HUB_ID.fullmatch(base)):
+        raise ExportError(f"model card base_model {base!r} is not a Hub model id (owner/name)")
+
+
+def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None) -> str:
+    """The export's ``README.md``: Hub metadata built with ``ModelCardData`` and checked
+    (:func:`check_card_metadata`), then the settings, selection, metrics and how to load it."""
+    from huggingface_hub import ModelCardData
+
     cfg = src.config
     lora, drop = cfg.get("lora", {}), cfg.get("loradrop", {})
-    base = src.base_model.get("path") or cfg.get("model", {}).get("path")
-    lines = ["---", f"base_model: {base}", "library_name: " + ("transformers" if fmt == "merged" else "peft"),
-             "tags:", "- lora", "- loradrop", "- loradrop_ds", "---", "",
+    hub_id = hub_base_model(src, base_model_id)
+    base = hub_id or src.base_model.get("path") or cfg.get("model", {}).get("path")
+    tags = ["lora", "loradrop", "loradrop_ds"] + (["peft"] if fmt != "merged" else ["merged"])
+    data = ModelCardData(base_model=hub_id, library_name="transformers" if fmt == "merged" else "peft",
+                         pipeline_tag="text-generation", tags=tags)
+    metadata = data.to_dict()
+    lines = ["---", data.to_yaml().rstrip("\n"), "---", "",
              f"# LoRA-drop {'merged model' if fmt == 'merged' else 'adapter'} for {base}", "",
              f"Trained with [loradrop_ds](https://arxiv.org/abs/2402.07721)-style LoRA-drop on DeepSpeed ZeRO-3 "
              f"({src.kind} `{src.path.name}`, export format `{fmt}`).", "",
@@ -549,53 +725,82 @@ def model_card(src: ExportSource, fmt: str) -> str:
     else:
         lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
                   "model = AutoModelForCausalLM.from_pretrained(REPO_OR_DIR)", "```"]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    check_card_metadata(text, metadata)
+    return text
 
 
 # ----------------------------------------------------------------------------- API
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft", *, base_model: Optional[str] = None,
-           max_shard_size: str = "5GB") -> Path:
-    """Write ``fmt`` export of ``source`` to ``out`` (which must not exist or be empty)."""
+           max_shard_size: str = "5GB", base_model_id: Optional[str] = None) -> Path:
+    """Write ``fmt`` export of ``source`` to ``out`` (which must not exist or be empty).
+
+    Every input is read and checked before anything is written (the settings, the source's
+    files, the adapter, and for ``merged`` the base's weight files and tokenizer); on any
+    error ``out`` and the directories above it are as they were, and the source is only read."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {list(FORMATS)}")
+    _shard_size_bytes(max_shard_size)  # a typo is refused whatever the format
+    if base_model_id is not None and not HUB_ID.fullmatch(base_model_id):
+        raise ExportError(f"--base-model-id {base_model_id!r}: not a Hub model id; give it as owner/name, "
+                          "e.g. HuggingFaceTB/SmolLM2-135M-Instruct")
     src = open_source(source)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
+    check_adapter(src.adapter_dir)
+    if fmt == "compact" and src.selection is None:
+        raise ExportError("format compact needs a LoRA-drop run (this run trained plain LoRA: nothing is shared); "
+                          "use --format peft")
+    base_dir = resolve_base_model(src, base_model) if (fmt == "merged" or base_model) else None
+    plan = _plan_merged(src, base_dir, max_shard_size) if fmt == "merged" else None
+    card = model_card(src, fmt, base_model_id)
+
     parent = out.parent if str(out.parent) else Path(".")
+    created = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again if the export fails
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
+        _remove_empty(created)
         raise ExportError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from e
-    base_dir = resolve_base_model(src, base_model) if (fmt == "merged" or base_model) else None
     try:
         if fmt == "peft":
             _write_peft(src, tmp)
         elif fmt == "compact":
             _write_compact(src, tmp)
         else:
-            _write_merged(src, tmp, base_dir, max_shard_size)
+            _write_merged(plan, tmp)
         if src.importance_png is not None:
             shutil.copy2(src.importance_png, tmp / "importance.png")
         if src.selection is not None:
             (tmp / "selection.json").write_text(src.selection.to_json())
-        (tmp / "README.md").write_text(model_card(src, fmt))
+        (tmp / "README.md").write_text(card)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
     return out
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories an export created above ``--out`` (deepest first), if still empty."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True, token: Optional[str] = None) -> str:
     """Create (private by default) or update a Hub model repository from ``folder``.
 
-    The token comes from ``token``, ``HF_TOKEN`` or the user's ``huggingface-cli login``;
+    The token comes from ``token``, ``HF_TOKEN`` or the user's ``hf auth login``;
     it is never printed or logged. Failure (no network, no permission) raises
     ExportError and leaves the local export untouched."""
     try:
@@ -609,7 +814,10 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True, t
                                    commit_message="Upload LoRA-drop export (loradrop_ds)")
     except Exception as e:  # network, auth and HTTP errors come in many types
         # The message names the failure class only: exception texts can echo request headers.
-        raise ExportError(f"could not push to the Hub repository {repo_id!r} ({type(e).__name__}); the local "
-                          f"export in {folder} is complete: push it later with --push-to-hub or huggingface-cli upload") from None
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        login = (" (not logged in, or the token may not write there: hf auth login, or set HF_TOKEN)"
+                 if status in (401, 403) or type(e).__name__ == "LocalTokenNotFoundError" else "")
+        raise ExportError(f"could not push to the Hub repository {repo_id!r} ({type(e).__name__}){login}; the local "
+                          f"export in {folder} is complete: push it later with hf upload {repo_id} {folder}") from None
     return str(getattr(commit, "commit_url", repo_id))
 

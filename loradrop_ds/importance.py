@@ -111,8 +111,9 @@ def normalise(raw: Sequence[float]) -> list[float]:
     bad = [i for i, g in enumerate(raw) if not math.isfinite(g) or g < 0]
     if bad:
         raise SelectionError(
-            f"LoRA output statistics are not finite/non-negative for items {bad[:8]}: "
-            "the sampling stage diverged; lower loradrop.sampling_lr or check the data"
+            f"the sampling stage's LoRA output statistics are not finite (overflow or divergence) or negative for items "
+            f"{bad[:8]}: lower loradrop.sampling_lr (or train.lr when it is unset), keep train.max_grad_norm > 0, "
+            "and use model.dtype=bfloat16 or float32; check the data if it persists"
         )
     total = math.fsum(raw)
     if total <= 0.0:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -146,6 +148,103 @@ def load_model_config(cfg: ModelConfig) -> Any:
         return AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.path={cfg.path}: cannot read a model config there ({e})") from e
+
+
+# Decoder-only causal LMs built like LLaMA: a ModuleList of decoder layers, each with its
+# attention projections (q/k/v/o_proj) and MLP as nn.Linear modules; what the per-layer LoRA
+# sharing, the meta-device module check and the planner's estimates assume.
+LLAMA_FAMILY = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+                "gemma3_text", "phi3", "olmo", "olmo2", "granite", "cohere", "smollm3")
+
+
+def check_architecture(model_config: Any, path: str) -> None:
+    """Refuse models that are not decoder-only LLaMA-family causal LMs (read from the
+    config alone: nothing is built or loaded)."""
+    model_type = getattr(model_config, "model_type", None) or "unknown"
+    archs = ", ".join(getattr(model_config, "architectures", None) or []) or "no architectures listed"
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ModelError(f"model.path={path} is an encoder-decoder model ({model_type}: {archs}); LoRA-drop trains "
+                         f"decoder-only LLaMA-family causal LMs ({', '.join(LLAMA_FAMILY)}); choose one of those")
+    if model_type not in LLAMA_FAMILY:
+        raise ModelError(f"model.path={path} is a {model_type} model ({archs}), not a decoder-only LLaMA-family "
+                         f"causal LM; supported model types: {', '.join(LLAMA_FAMILY)}")
+
+
+def _safetensors_problem(file: Path) -> Optional[str]:
+    """Why ``file`` is not a whole safetensors file (header cut, header not JSON, data
+    shorter than the header's offsets), or None; reads only the header."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is {size} bytes, shorter than a safetensors header: truncated"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"is {size} bytes but its header alone needs {8 + n}: truncated"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+            return "has a header that is not a safetensors header: corrupt"
+    if 8 + n + end > size:
+        return f"is {size} bytes but its header says its tensors need {8 + n + end}: truncated"
+    return None
+
+
+def _torch_file_problem(file: Path) -> Optional[str]:
+    """Why a PyTorch weight file cannot be whole (not a zip archive, nor a legacy pickle), or None."""
+    if zipfile.is_zipfile(file):  # needs the end-of-archive record: a truncated archive has none
+        return None
+    with open(file, "rb") as f:
+        legacy = f.read(1) == b"\x80"  # the pre-1.6 format is a pickle stream
+    return None if legacy else "is not a whole PyTorch weight file (a zip archive): truncated or corrupt"
+
+
+def check_weight_files(path: str) -> None:
+    """Check that a local model directory holds all its weight files, each whole: every
+    shard its index names exists, and each safetensors file is as long as its header says
+    (read from the header; no tensor is loaded). Hub ids are left to transformers."""
+    local = Path(resolve_model_path(path)).expanduser()
+    if not local.is_dir():
+        return
+    fix = "download or copy the model again"
+    for index_name, check in (("model.safetensors.index.json", _safetensors_problem),
+                              ("pytorch_model.bin.index.json", _torch_file_problem)):
+        index = local / index_name
+        if not index.is_file():
+            continue
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"model.path={path}: {index_name} is not a valid weight index ({e}); {fix}") from None
+        missing = [s for s in shards if not (local / s).is_file()]
+        if missing:
+            raise ModelError(f"model.path={path}: weight file(s) {missing} named by {index_name} are missing; {fix}")
+        files = [(local / s, check) for s in shards]
+        break
+    else:
+        single = [(local / name, check) for name, check in (("model.safetensors", _safetensors_problem),
+                                                            ("pytorch_model.bin", _torch_file_problem))
+                  if (local / name).is_file()]
+        if not single:
+            raise ModelError(f"model.path={path} holds no weight files (model.safetensors, pytorch_model.bin or a "
+                             f"sharded index of them); {fix}")
+        files = single[:1]
+    for file, problem_of in files:
+        problem = problem_of(file)
+        if problem:
+            raise ModelError(f"model.path={path}: weight file {file.name} {problem}; {fix}")
+
+
+def check_tokenizer_fits(tokenizer: Any, model_config: Any, tokenizer_path: str) -> None:
+    """Every token id the tokenizer can produce must index a row of the model's embeddings."""
+    text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    vocab = getattr(text_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ModelError(
+            f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens but the model's embeddings have {vocab} "
+            f"rows (config.vocab_size): ids >= {vocab} would index past them; use the model's own tokenizer "
+            "(model.tokenizer=null) or one made for this model")
 
 
 @dataclass

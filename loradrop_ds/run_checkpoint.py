@@ -9,6 +9,9 @@ A checkpoint is a directory ``output_dir/checkpoints/<stage>-step<NNNNNNN>/`` ho
   without DeepSpeed or ranks);
 * ``rng/rank<R>.pt`` and, in the sampling stage, ``stats/rank<R>.safetensors``: each rank's
   RNG state and its partial LoRA-output statistics;
+* ``full_state.pt``: the same LoRA parameters and Adam state gathered into full,
+  unpartitioned fp32 tensors, with the optimizer step, LR and scheduler state: a
+  rank-independent form, read only to resume on another number of ranks;
 * ``state.json``: stage, step, data position, world size, resolved config, base model
   identity, the selection once made and the results so far;
 * ``COMPLETE.json``, written last: the manifest of every file with its size.
@@ -45,7 +48,11 @@ _NAME = re.compile(r"^(sampling|main)-step(\d{7})$")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.save_probe_logits", "data.max_eval_examples", "data.num_proc",
-                     "train.report_to", "train.skip_memory_check"}
+                     "train.report_to", "train.skip_memory_check", "overwrite"}
+# Files and directories a run writes into output_dir (moved aside together by overwrite=true).
+RUN_FILES = (CHECKPOINTS, "adapter", "summary.json", "config.yaml", "metrics.jsonl", "metrics.jsonl.previous",
+             "selection.json", "importance.png", "probe_logits.safetensors")
+FULL_STATE = "full_state.pt"
 
 
 class CheckpointError(ValueError):
@@ -158,6 +165,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     distributed.run_on_every_rank(info, "checkpoint", make_tmp)
     engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
     adapter_state = gather_lora_state(engine.module, copy_here=info.is_main)  # collective
+    full_state = gather_full_state(engine, copy_here=info.is_main)  # collective
 
     def write_rank_files() -> dict[str, int]:
         written = _deepspeed_files(tmp, info.rank, info.is_main)
@@ -175,6 +183,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
                       written[-1], metadata={"module_names": json.dumps(stats.module_names)})
         if info.is_main:
             adapter = save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
+            torch.save(full_state, tmp / FULL_STATE)
+            written.append(tmp / FULL_STATE)
             _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
             written += [f for f in sorted(adapter.rglob("*")) if f.is_file()] + [tmp / "state.json"]
         return _sizes(tmp, written)
@@ -260,16 +270,61 @@ def run_exists(out_dir: Path) -> bool:
     return any((out_dir / name).exists() for name in (CHECKPOINTS, "metrics.jsonl", "summary.json", "adapter"))
 
 
-def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[tuple[Path, RunState]]:
-    """Resolve the ``resume`` setting to a checkpoint (or None: start fresh)."""
+def run_files(out_dir: Path) -> list[Path]:
+    """What an earlier run left in ``out_dir`` (see RUN_FILES)."""
+    return [Path(out_dir) / name for name in RUN_FILES if (Path(out_dir) / name).exists()]
+
+
+def move_run_aside(out_dir: Path) -> Optional[Path]:
+    """overwrite=true: move an earlier run's files into ``out_dir/overwritten-<time>/``
+    (nothing is deleted). Call on rank 0 only, after every input check passed."""
+    import time
+
+    found = run_files(out_dir)
+    if not found:
+        return None
+    aside = Path(out_dir) / f"overwritten-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+    aside.mkdir()
+    for f in found:
+        os.replace(f, aside / f.name)
+    log.warning("overwrite=true: the earlier run in %s was moved to %s", out_dir, aside)
+    return aside
+
+
+def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False) -> Optional[tuple[Path, RunState]]:
+    """Resolve the ``resume`` setting to a checkpoint (or None: start fresh).
+
+    ``resume=auto`` continues the newest complete checkpoint, but never trains over a
+    finished run (``summary.json`` or a final ``adapter/`` in ``out_dir``) nor over the
+    files of a run none of whose checkpoints is complete: those are refused unless
+    ``overwrite`` (start afresh; the earlier files are moved aside by ``move_run_aside``)."""
+    out_dir = Path(out_dir)
+    fix = (f"use a new output_dir (with resume=never to be sure), or overwrite=true to move the earlier run "
+           f"into {out_dir}/overwritten-<time>/ and start afresh")
+    if overwrite:
+        if resume not in ("auto", "never"):
+            raise CheckpointError(f"overwrite=true starts a new run and cannot be combined with resume={resume}; "
+                                  "drop one of them")
+        return None
     if resume == "never":
         if run_exists(out_dir):
             raise CheckpointError(f"output_dir {out_dir} already holds a run and resume=never; choose another "
-                                  "output_dir, delete it, or use resume=auto to continue it")
+                                  "output_dir, delete it, use resume=auto to continue it, or overwrite=true")
         return None
     if resume == "auto":
+        finished = [name for name in ("summary.json", "adapter") if (out_dir / name).exists()]
+        if finished:
+            raise CheckpointError(f"output_dir {out_dir} holds a finished run ({', '.join(finished)}); resume=auto "
+                                  f"does not train over it: {fix}")
         found = list_checkpoints(out_dir)
-        return found[0] if found else None
+        if found:
+            return found[0]
+        leftovers = run_files(out_dir)
+        if leftovers:
+            raise CheckpointError(f"output_dir {out_dir} holds files of an earlier run "
+                                  f"({', '.join(f.name for f in leftovers)}) but no complete checkpoint to resume "
+                                  f"from: {fix}")
+        return None
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"resume={resume}: no such checkpoint directory")
@@ -282,20 +337,117 @@ def find_resume_checkpoint(resume: str, out_dir: Path) -> Optional[tuple[Path, R
     return path, read_state(path)
 
 
+def global_batch(config: dict, world_size: int) -> int:
+    return config["train"]["micro_batch_size"] * config["train"]["grad_accum"] * world_size
+
+
 def check_compatible(state: RunState, config: dict, world_size: int, base_model: dict, path: Path) -> None:
-    """Refuse a resume that would not continue the same run."""
+    """Refuse a resume that would not continue the same run.
+
+    Another number of ranks is accepted (the checkpoint's ``full_state.pt`` is read
+    instead of the per-rank ZeRO shards); ``train.grad_accum`` may change with it when
+    the global batch (micro_batch_size x grad_accum x ranks) stays the same."""
     if state.base_model.get("config_sha256") != base_model.get("config_sha256"):
         raise CheckpointError(f"checkpoint {path} was trained on base model {state.base_model.get('path')!r}, "
                               f"which differs from model.path={base_model.get('path')!r} (config.json differs)")
     diffs = config_differences(state.config, config)
+    if state.world_size != world_size:
+        if global_batch(state.config, state.world_size) == global_batch(config, world_size):
+            diffs = [d for d in diffs if not d.startswith("train.grad_accum:")]
+        if not (Path(path) / FULL_STATE).is_file():
+            raise CheckpointError(
+                f"checkpoint {path} was written by {state.world_size} ranks, this run has {world_size}, and it has "
+                f"no {FULL_STATE} (written since resume on another number of ranks exists): resume it with "
+                f"{state.world_size} ranks")
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made with other settings; resuming would not continue "
                               "the same run:\n  " + "\n  ".join(diffs))
-    if state.world_size != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {state.world_size} ranks, this run has {world_size}. ZeRO-3 "
-            f"optimizer shards are per rank: resume with {state.world_size} ranks, or start a new run from "
-            f"its adapter (export it) with a new output_dir")
+    if state.world_size != world_size and global_batch(state.config, state.world_size) != global_batch(config,
+                                                                                                   world_size):
+        log.warning("resuming %s on %d ranks (written by %d): the global batch changes from %d to %d items; the "
+                    "data continues at the same place in the same epoch order, with other batch boundaries. Keep "
+                    "micro_batch_size x grad_accum x ranks equal to continue the same run", path, world_size,
+                    state.world_size, global_batch(state.config, state.world_size), global_batch(config, world_size))
+
+
+def map_stream_position(position: int, num_items: int, old_group: int, new_group: int) -> int:
+    """A data position (global micro-batches of ``old_group`` items consumed) as global
+    micro-batches of ``new_group`` items: the same epoch, the same number of items of that
+    epoch's order consumed (rounded up to a whole new micro-batch; exact when the global
+    batch is unchanged, since checkpoints are taken at optimizer-step boundaries)."""
+    epoch, group = divmod(position, num_items // old_group)
+    return epoch * (num_items // new_group) + -(-group * old_group // new_group)
+
+
+def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
+    """The trainable parameters' fp32 master values and Adam moments as full tensors, with
+    the optimizer step, LRs and scheduler state: independent of the number of ranks.
+    A ZeRO-3 collective: call on every rank; only ``copy_here`` ranks get the dict."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = {"fp32": safe_get_full_fp32_param(p)}
+        for key in ("exp_avg", "exp_avg_sq"):
+            full[key] = safe_get_full_optimizer_state(p, key)
+        if copy_here:
+            params[name] = {k: v.detach().to("cpu", copy=True).reshape(p.ds_shape if hasattr(p, "ds_shape")
+                                                                         else p.shape) for k, v in full.items()}
+    if not copy_here:
+        return None
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    return {"params": params, "optimizer_step": steps[0] if steps else 0.0,
+            "lrs": [g["lr"] for g in inner.param_groups],
+            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
+
+
+def load_full_state(engine: Any, path: Path) -> None:
+    """Resume on another number of ranks: ``full_state.pt`` back into a freshly built
+    engine (each rank keeps its own partition of it). Call on every rank."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    saved = torch.load(Path(path) / FULL_STATE, weights_only=True)
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):  # AdamW creates its state lazily
+        st = inner.state[flat]
+        st.setdefault("step", torch.zeros((), dtype=torch.float32))
+        for key in ("exp_avg", "exp_avg_sq"):
+            st.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    if sorted(n for n, _ in trainable) != sorted(saved["params"]):
+        raise CheckpointError(f"{path}/{FULL_STATE} holds other trainable parameters than this run builds")
+    for name, p in trainable:
+        device = p.ds_tensor.device if hasattr(p, "ds_tensor") else p.device
+        full = saved["params"][name]
+        safe_set_full_fp32_param(p, full["fp32"].to(device))
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, full[key].to(device), key)
+    # The working copy the forward pass uses (its own tensor, next to the fp32 master).
+    params = [p for _, p in trainable]
+    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if hasattr(params[0], "ds_id") else None
+    if gathered is not None:
+        gathered.__enter__()
+    try:
+        with torch.no_grad():
+            for name, p in trainable:
+                p.data.copy_(saved["params"][name]["fp32"].to(p.device, p.dtype))
+    finally:
+        if gathered is not None:
+            gathered.__exit__(None, None, None)
+    for st in inner.state.values():
+        if "step" in st:
+            st["step"] = (torch.full_like(st["step"], saved["optimizer_step"]) if torch.is_tensor(st["step"])
+                          else type(st["step"])(saved["optimizer_step"]))
+    for group, lr in zip(inner.param_groups, saved["lrs"], strict=True):
+        group["lr"] = lr
+    if saved["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
 
 
 def load_engine_state(engine: Any, path: Path) -> None:
@@ -306,20 +458,44 @@ def load_engine_state(engine: Any, path: Path) -> None:
         raise CheckpointError(f"DeepSpeed could not load {path}/ds")
 
 
-def restore_rng(path: Path, info: Any) -> None:
+def restore_rng(path: Path, info: Any, state: Optional[RunState] = None, seed: int = 0) -> None:
+    """Each rank's RNG as saved; on another number of ranks (``state.world_size`` differs)
+    per-rank states cannot be mapped, so each rank is seeded afresh from (seed, stage,
+    step, rank): deterministic, but dropout masks differ from the uninterrupted run's."""
+    if state is not None and state.world_size != info.world_size:
+        key = hashlib.sha256(f"{seed}:{state.stage}:{state.step}:{info.rank}".encode()).digest()
+        torch.manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        return
     rng = torch.load(Path(path) / "rng" / f"rank{info.rank}.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and info.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], info.device)
 
 
-def load_rank_stats(path: Path, info: Any, device: torch.device) -> ImportanceStats:
+def load_rank_stats(path: Path, info: Any, device: torch.device, saved_world_size: Optional[int] = None
+                    ) -> ImportanceStats:
+    """This rank's partial sampling-stage statistics. On another number of ranks than the
+    checkpoint's, rank 0 takes the sum of every saved rank's and the others zeros: only
+    the all-reduced total is used, and it is the same."""
     from safetensors import safe_open
 
-    f = Path(path) / "stats" / f"rank{info.rank}.safetensors"
-    with safe_open(str(f), framework="pt") as st:
-        names = json.loads(st.metadata()["module_names"])
-        return ImportanceStats(names, st.get_tensor("sq_norm_sums").to(device), st.get_tensor("token_counts").to(device))
+    def read(rank: int) -> ImportanceStats:
+        with safe_open(str(Path(path) / "stats" / f"rank{rank}.safetensors"), framework="pt") as st:
+            names = json.loads(st.metadata()["module_names"])
+            return ImportanceStats(names, st.get_tensor("sq_norm_sums").to(device),
+                                   st.get_tensor("token_counts").to(device))
+
+    if saved_world_size is None or saved_world_size == info.world_size:
+        return read(info.rank)
+    total = read(0)
+    for rank in range(1, saved_world_size):
+        other = read(rank)
+        total.sq_norm_sums += other.sq_norm_sums
+        total.token_counts += other.token_counts
+    if info.rank != 0:
+        total.sq_norm_sums.zero_()
+        total.token_counts.zero_()
+    return total
 
 
 def truncate_metrics(out_dir: Path, stage: str, step: int) -> None:

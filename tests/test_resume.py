@@ -86,6 +86,8 @@ def test_checkpoint_without_marker_is_skipped_and_pruning_keeps_the_newest(refer
     names = [p.name for p, _ in ckpt.list_checkpoints(run)]
     assert names == ["main-step0000006", "main-step0000004", "main-step0000002"]  # keep_last=3
     (run / "checkpoints" / "main-step0000006" / ckpt.MARKER).unlink()
+    (run / "summary.json").unlink()  # an unfinished run: resume=auto refuses a finished one
+    shutil.rmtree(run / "adapter")
     with caplog.at_level(logging.WARNING):
         path, state = ckpt.find_resume_checkpoint("auto", run)
     assert path.name == "main-step0000004" and state.stage == "main" and state.step == 4
