@@ -144,7 +144,8 @@ class Config:
     # never: start fresh, refusing a directory that already holds a run; else a checkpoint path.
     resume: str = "auto"
     # true: start afresh in an output_dir that holds an earlier (finished or checkpoint-less)
-    # run, moving its files aside into output_dir/overwritten-<time>/ once every input is checked.
+    # run, moving its files aside into output_dir/overwritten-<time>/ once every input is checked (an
+    # unfinished run with a complete checkpoint still resumes under resume=auto).
     overwrite: bool = False
     deepspeed: str = "ds_configs/zero3.json"
     model: ModelConfig = field(default_factory=ModelConfig)

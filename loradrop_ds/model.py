@@ -208,28 +208,27 @@ def check_weight_files(path: str) -> None:
     if not local.is_dir():
         return
     fix = "download or copy the model again"
-    for index_name, check in (("model.safetensors.index.json", _safetensors_problem),
-                              ("pytorch_model.bin.index.json", _torch_file_problem)):
-        index = local / index_name
-        if not index.is_file():
-            continue
+    # transformers' own order (modeling_utils, 5.x): the first of these that exists is what it
+    # loads, so a stale index next to a single file is not looked at, here either.
+    candidates = (("model.safetensors", None, _safetensors_problem),
+                  ("model.safetensors.index.json", "index", _safetensors_problem),
+                  ("pytorch_model.bin", None, _torch_file_problem),
+                  ("pytorch_model.bin.index.json", "index", _torch_file_problem))
+    found = next(((local / name, kind, check) for name, kind, check in candidates if (local / name).is_file()), None)
+    if found is None:
+        raise ModelError(f"model.path={path} holds no weight files (model.safetensors, pytorch_model.bin or a "
+                         f"sharded index of them); {fix}")
+    first, kind, check = found
+    files = [(first, check)]
+    if kind == "index":
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(json.loads(first.read_text())["weight_map"].values()))
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ModelError(f"model.path={path}: {index_name} is not a valid weight index ({e}); {fix}") from None
+            raise ModelError(f"model.path={path}: {first.name} is not a valid weight index ({e}); {fix}") from None
         missing = [s for s in shards if not (local / s).is_file()]
         if missing:
-            raise ModelError(f"model.path={path}: weight file(s) {missing} named by {index_name} are missing; {fix}")
+            raise ModelError(f"model.path={path}: weight file(s) {missing} named by {first.name} are missing; {fix}")
         files = [(local / s, check) for s in shards]
-        break
-    else:
-        single = [(local / name, check) for name, check in (("model.safetensors", _safetensors_problem),
-                                                            ("pytorch_model.bin", _torch_file_problem))
-                  if (local / name).is_file()]
-        if not single:
-            raise ModelError(f"model.path={path} holds no weight files (model.safetensors, pytorch_model.bin or a "
-                             f"sharded index of them); {fix}")
-        files = single[:1]
     for file, problem_of in files:
         problem = problem_of(file)
         if problem:
@@ -240,9 +239,14 @@ def check_tokenizer_fits(tokenizer: Any, model_config: Any, tokenizer_path: str)
     """Every token id the tokenizer can produce must index a row of the model's embeddings."""
     text_config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     vocab = getattr(text_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
+    # The ids training can produce: the base vocabulary and the special tokens it adds. Not
+    # len(tokenizer): some tokenizers carry extra added tokens the text never contains
+    # (Gemma 3's <image_soft_token> sits at id vocab_size, transformers#37011).
+    special = [getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")]
+    needed = max([getattr(tokenizer, "vocab_size", None) or len(tokenizer)] + [i + 1 for i in special if i is not None])
+    if vocab is not None and needed > vocab:
         raise ModelError(
-            f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens but the model's embeddings have {vocab} "
+            f"the tokenizer at {tokenizer_path} has {needed} tokens but the model's embeddings have {vocab} "
             f"rows (config.vocab_size): ids >= {vocab} would index past them; use the model's own tokenizer "
             "(model.tokenizer=null) or one made for this model")
 

@@ -305,7 +305,11 @@ def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False) 
         if resume not in ("auto", "never"):
             raise CheckpointError(f"overwrite=true starts a new run and cannot be combined with resume={resume}; "
                                   "drop one of them")
-        return None
+        # Only what would otherwise be refused is replaced: an unfinished run with a complete
+        # checkpoint still resumes under resume=auto, so a requeued job keeps its progress.
+        finished = any((out_dir / name).exists() for name in ("summary.json", "adapter"))
+        found = list_checkpoints(out_dir) if resume == "auto" and not finished else []
+        return found[0] if found else None
     if resume == "never":
         if run_exists(out_dir):
             raise CheckpointError(f"output_dir {out_dir} already holds a run and resume=never; choose another "
@@ -376,7 +380,8 @@ def map_stream_position(position: int, num_items: int, old_group: int, new_group
     epoch's order consumed (rounded up to a whole new micro-batch; exact when the global
     batch is unchanged, since checkpoints are taken at optimizer-step boundaries)."""
     epoch, group = divmod(position, num_items // old_group)
-    return epoch * (num_items // new_group) + -(-group * old_group // new_group)
+    # Rounding up never runs past the new epoch's last whole micro-batch (that would skip an epoch).
+    return epoch * (num_items // new_group) + min(-(-group * old_group // new_group), num_items // new_group)
 
 
 def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
@@ -405,6 +410,23 @@ def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
             "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
 
 
+def _set_own_partition(param: Any, value: torch.Tensor, optim_state_key: Optional[str]) -> None:
+    """This rank's slice of ``value`` into its ZeRO-3 partition of ``param``'s fp32 master
+    (``optim_state_key=None``) or Adam moment. DeepSpeed 0.19.8's ``set_full_hp_param``
+    (``stage3.py``, behind ``safe_set_full_*``) narrows the full value at ``rank * partition
+    size`` without padding, which fails on the last ranks when the size does not divide by
+    the number of ranks (SmolLM2 at r = 8 on 5 ranks, Llama on 3 or 24): the others would
+    then wait in the next collective. Here the slice is clamped and the padding zeroed."""
+    opt = param._z3_optimizer
+    partition, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                     optim_state_key=optim_state_key)
+    start = partition.numel() * opt._get_param_partition_rank(param)
+    piece = value.flatten()[start:start + partition.numel()]
+    with torch.no_grad():
+        partition.zero_()
+        partition[: piece.numel()].copy_(piece)
+
+
 def load_full_state(engine: Any, path: Path) -> None:
     """Resume on another number of ranks: ``full_state.pt`` back into a freshly built
     engine (each rank keeps its own partition of it). Call on every rank."""
@@ -424,9 +446,13 @@ def load_full_state(engine: Any, path: Path) -> None:
     for name, p in trainable:
         device = p.ds_tensor.device if hasattr(p, "ds_tensor") else p.device
         full = saved["params"][name]
-        safe_set_full_fp32_param(p, full["fp32"].to(device))
-        for key in ("exp_avg", "exp_avg_sq"):
-            safe_set_full_optimizer_state(p, full[key].to(device), key)
+        if hasattr(p, "_z3_optimizer"):
+            for key in (None, "exp_avg", "exp_avg_sq"):
+                _set_own_partition(p, full["fp32" if key is None else key].to(device), key)
+        else:
+            safe_set_full_fp32_param(p, full["fp32"].to(device))
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, full[key].to(device), key)
     # The working copy the forward pass uses (its own tensor, next to the fp32 master).
     params = [p for _, p in trainable]
     gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if hasattr(params[0], "ds_id") else None

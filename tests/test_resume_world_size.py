@@ -100,3 +100,6 @@ def test_map_stream_position():
     assert ckpt.map_stream_position(12 + 3, 100, 8, 4) == 25 + 6  # epoch 1, 24 items in
     assert ckpt.map_stream_position(8, 100, 4, 8) == 4
     assert ckpt.map_stream_position(3, 100, 4, 8) == 2  # 12 items: rounded up to a whole new micro-batch
+    # 15 items, groups of 1 -> groups of 8 (one per epoch): 14 items in is still epoch 0's only
+    # micro-batch boundary, not a jump into epoch 1.
+    assert ckpt.map_stream_position(14, 15, 1, 8) == 1
