@@ -365,8 +365,6 @@ def setup(cfg: config_lib.Config, info: DistInfo, wall_start: float) -> Run:
             ckpt.truncate_metrics(out_dir, state.stage, state.step)
         elif cfg.overwrite:  # said so explicitly: the earlier run is moved aside, not deleted
             ckpt.move_run_aside(out_dir)
-        elif (out_dir / "metrics.jsonl").exists():  # a run that died before its first checkpoint
-            os.replace(out_dir / "metrics.jsonl", out_dir / "metrics.jsonl.previous")
         write_text_atomic(out_dir / "config.yaml", config_lib.dump_yaml(cfg))
 
     run_on_every_rank(info, "output setup", prepare_output_dir, USER_ERRORS)

@@ -120,3 +120,26 @@ def finished_run(tiny_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, out))
     return out
+
+
+def assert_adapter_reproduces_run(model_dir, out_dir, tol: float = 1e-5) -> None:
+    """The run's saved adapter, reloaded in plain transformers + peft (fp32, one process, no
+    DeepSpeed), gives the logits the trained ZeRO-3 model gave on the first eval batch
+    (``train.save_probe_logits``) at every real token, within ``tol`` (summation order), and
+    they differ from the base model's: training changed something."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    probe = load_file(Path(out_dir) / "probe_logits.safetensors")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, Path(out_dir) / "adapter").eval()
+    inputs = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
+    mask = probe["attention_mask"].bool()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        with model.disable_adapter():
+            base_logits = model(**inputs).logits
+    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=tol, atol=tol)
+    assert (base_logits[mask] - probe["logits"][mask]).abs().max() > 1e-4

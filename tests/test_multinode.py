@@ -12,11 +12,9 @@ unchanged as ``__main__``."""
 
 import json
 
-import torch
-from safetensors.torch import load_file
 from test_train_cli import tiny_args
 
-from conftest import REPO, run_two_nodes, worker_exit_code
+from conftest import REPO, assert_adapter_reproduces_run, run_two_nodes, worker_exit_code
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -62,9 +60,6 @@ runpy.run_path(TRAIN, run_name="__main__")
 
 
 def test_two_nodes_run_the_whole_flow_on_one_selection(tiny_model, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out = tmp_path / "run"  # on one machine both "nodes" see it, as a shared filesystem would
     record_dir = tmp_path / "record"
     record_dir.mkdir()
@@ -105,13 +100,4 @@ def test_two_nodes_run_the_whole_flow_on_one_selection(tiny_model, tmp_path):
     # The saved adapter, reloaded in plain transformers + peft (no DeepSpeed, one process),
     # gives the logits the two-node ZeRO-3 model gave at its final eval. fp32 both ways; the
     # only differences are summation order (sharded vs whole matmuls): 1e-5.
-    probe = load_file(out / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    mask = probe["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=1e-5, atol=1e-5)
-    with torch.no_grad(), model.disable_adapter():  # ... and training changed them
-        base_logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    assert (base_logits[mask] - probe["logits"][mask]).abs().max() > 1e-4
+    assert_adapter_reproduces_run(tiny_model, out)

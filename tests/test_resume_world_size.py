@@ -7,12 +7,10 @@ Tolerance: 1e-5 relative on every step's loss and on the final adapter. Gradient
 reduced in another order (2 ranks: an all-reduce of two micro-batch means; 1 rank: two
 accumulated micro-batches), so the runs agree to rounding, not bit for bit."""
 
-import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from test_resume import assert_same_run
 
 from conftest import REPO, finished_run_args, run_python, run_ranks
 from loradrop_ds import run_checkpoint as ckpt
@@ -27,26 +25,6 @@ def args(model, out, ranks, *extra):
     return finished_run_args(model, out, "lora.dropout=0.0", ACCUM[ranks], *extra)
 
 
-def losses(out_dir):
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["stage"], r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
-def assert_same_run(out, ref):
-    got, want = losses(out), losses(ref)
-    assert [(s, n) for s, n, _ in got] == [(s, n) for s, n, _ in want]
-    for (stage, step, a), (_, _, b) in zip(got, want, strict=True):
-        assert a == pytest.approx(b, rel=RTOL, abs=1e-7), (stage, step, a, b)
-    mine = load_file(out / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(ref / "adapter" / "adapter_model.safetensors")
-    assert mine.keys() == theirs.keys()
-    for k in theirs:
-        torch.testing.assert_close(mine[k], theirs[k], rtol=RTOL, atol=1e-6)
-    a, b = (json.loads((d / "selection.json").read_text()) for d in (out, ref))
-    assert a["kept"] == b["kept"] and a["token_count"] == b["token_count"]
-    assert a["raw_sums"] == pytest.approx(b["raw_sums"], rel=RTOL)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model, tmp_path_factory):
     """The same run, uninterrupted, on 2 ranks and on 1 (same global batch)."""
@@ -59,7 +37,7 @@ def uninterrupted(tiny_model, tmp_path_factory):
 
 
 def test_same_global_batch_gives_the_same_run_on_1_and_2_ranks(uninterrupted):
-    assert_same_run(uninterrupted[1], uninterrupted[2])
+    assert_same_run(uninterrupted[1], uninterrupted[2], RTOL)
 
 
 @pytest.mark.parametrize(("before", "after", "kill_at", "resumed_from"), [
@@ -80,7 +58,7 @@ def test_killed_run_resumes_on_another_number_of_ranks(tiny_model, tmp_path, uni
     log = proc.stdout + proc.stderr
     assert "resuming from" in log and resumed_from in log
     assert f"resumed on {after} ranks from a checkpoint of {before}" in log
-    assert_same_run(out, uninterrupted[after])
+    assert_same_run(out, uninterrupted[after], RTOL)
 
 
 def test_another_global_batch_on_another_world_size_is_refused_as_a_settings_change(tiny_model, tmp_path,

@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, run_python, run_ranks
+from conftest import REPO, assert_adapter_reproduces_run, run_python, run_ranks
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -23,8 +23,6 @@ def tiny_args(model_dir, out_dir, *extra):
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])
 def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, tmp_path, granularity):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
     # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
@@ -64,18 +62,7 @@ def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, tmp_
             values = [weights[f"base_model.model.model.layers.{layer}.{sub}.{m}.{ab}.weight"] for layer in users]
             assert all(torch.equal(v, values[0]) for v in values[1:]), (m, ab, users)
 
-    # Reloaded in plain transformers + peft (no DeepSpeed), the logits match the trained ZeRO-3 model's.
-    probe = load_file(out / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    mask = probe["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=1e-5, atol=1e-5)
-    # ... and differ from the base model's: training changed something.
-    with torch.no_grad(), model.disable_adapter():
-        base_logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    assert (base_logits[mask] - probe["logits"][mask]).abs().max() > 1e-4
+    assert_adapter_reproduces_run(tiny_model, out)
 
 
 def _write_jsonl(path, rows):
@@ -174,9 +161,7 @@ def test_chat_data_packed_for_epochs_with_a_carved_eval_set(tiny_model, tmp_path
     data.eval_split_ratio and a tracker, on 2 ranks; the adapter reloads in plain peft."""
     import shutil
 
-    from peft import PeftModel
     from test_data import CHAT_TEMPLATE
-    from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path / "chat_model"
     shutil.copytree(tiny_model, model_dir)
@@ -204,9 +189,4 @@ def test_chat_data_packed_for_epochs_with_a_carved_eval_set(tiny_model, tmp_path
     assert 1 <= len(main_steps) == summary["main"]["steps"] < 13
     assert summary["final"]["eval_loss"] < summary["zero_shot"]["eval_loss"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # train.report_to reached the tracker
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    probe = load_file(out / "probe_logits.safetensors")
-    reloaded = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = reloaded(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-4, atol=1e-4)
+    assert_adapter_reproduces_run(model_dir, out, tol=1e-4)
