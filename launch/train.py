@@ -11,9 +11,11 @@ definition -> category task). The story, top to bottom:
                heavy work, and the checkpoint to resume from (resume=auto: the newest
                complete one)
 2. sampling    LoRA in every layer, trained briefly on a subset while hooks record
-               each LoRA's output norm
+               each LoRA's output norm; the selection so far is checked every few
+               steps (sampling_steps=auto: the stage ends once it has settled)
 3. selection   statistics all-reduced; rank 0 keeps the layers carrying `threshold` of
-               the importance and broadcasts the choice; every rank checks it holds it
+               the importance (or what fits `param_budget`, or a baseline's choice) and
+               broadcasts it; every rank checks it holds it
 4. rebuild     the sampling engine is released but its ZeRO-3-partitioned base is kept;
                its LoRA is replaced by fresh kept LoRAs and one shared LoRA per module
                type, and a new engine is built on the same base (no second read of it)
@@ -54,10 +56,14 @@ from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths  # noqa: E402
 from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank  # noqa: E402
 from loradrop_ds.engine import SizeHints, create_engine, load_ds_config, lr_lambda, release_engine  # noqa: E402
 from loradrop_ds.importance import (  # noqa: E402
+    ParamCosts,
     Selection,
     SelectionError,
+    check_selection_request,
     compute_selection,
     lora_param_count,
+    rank_correlation,
+    selection_settled,
     sharing_plan,
 )
 from loradrop_ds.lora import (  # noqa: E402
@@ -65,6 +71,7 @@ from loradrop_ds.lora import (  # noqa: E402
     adapter_as_module_state,
     add_lora,
     build_main_lora,
+    lora_param_scores,
     strip_lora,
     trainable_parameter_count,
 )
@@ -85,7 +92,7 @@ from loradrop_ds.model import (  # noqa: E402
     resolve_attn_implementation,
     resolve_model_path,
 )
-from loradrop_ds.plot import plot_importance  # noqa: E402
+from loradrop_ds.plot import plot_importance, plot_selection_history  # noqa: E402
 from loradrop_ds.training import evaluate, train_stage  # noqa: E402
 
 log = logging.getLogger("loradrop_ds.train")
@@ -160,6 +167,7 @@ class Inputs:
     attn_implementation: str
     base_model: dict
     plain_lora_params: int
+    costs: ParamCosts  # what each structure trains, for loradrop.param_budget
     ds_config: dict
     resume: Optional[tuple[Path, ckpt.RunState]]
     # Filled by read_data, after each node's local rank 0 has tokenised into the cache.
@@ -240,6 +248,13 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     check_tokenizer_fits(tokenizer, model_config, cfg.model.tokenizer or cfg.model.path)
     plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
+    drop = cfg.loradrop
+    costs = ParamCosts({m: lora_param_count(i, o, cfg.lora.r) for m, (i, o) in modules.shapes.items()},
+                       modules.num_layers, drop.train_shared,
+                       {"none": 0, "scalar": 1, "vector": cfg.lora.r}[drop.shared_scale])
+    if drop.enabled:
+        check_selection_request(drop.selection, drop.keep, drop.num_kept, drop.param_budget, drop.granularity,
+                                modules.num_layers, list(cfg.lora.target_modules), costs)
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
     out_dir = Path(cfg.output_dir)
     resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir, cfg.overwrite)
@@ -256,7 +271,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     if info.local_rank == 0:
         tokenize_data(cfg, tokenizer, build=True)
     fault_point(info, "inputs")
-    return Inputs(modules, tokenizer, attn, base, plain, ds_config, resume)
+    return Inputs(modules, tokenizer, attn, base, plain, costs, ds_config, resume)
 
 
 def tokenize_data(cfg: config_lib.Config, tokenizer: Any, build: bool
@@ -405,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
                 write_text_atomic(run.out_dir / "selection.json", selection.to_json())
                 kept = set(selection.kept)
                 plot_importance(run.out_dir / "importance.png", selection.items, selection.importance,
-                                [item in kept for item in selection.items], selection.threshold)
+                                [item in kept for item in selection.items], selection.threshold,
+                                title=f"LoRA-drop {selection.granularity} importance (kept by {selection.method})")
                 run.logger.log_artifact(run.out_dir / "selection.json")
                 run.logger.log_artifact(run.out_dir / "importance.png")
+                if selection.history:
+                    plot_selection_history(run.out_dir / "selection_history.png", selection.items, selection.history)
+                    run.logger.log_artifact(run.out_dir / "selection_history.png")
 
         run_on_every_rank(info, "selection output", write_selection, USER_ERRORS)
 
@@ -417,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     if base is None:  # plain LoRA, or resumed after the selection: the one read of the base
         base, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)
     plan = sharing_plan(selection) if selection is not None else None
-    model, shared_users = build_main_lora(base, cfg.lora, cfg.seed + 1, plan, cfg.loradrop.train_shared, warm_state)
+    model, shared_users = build_main_lora(base, cfg.lora, cfg.seed + 1, plan, cfg.loradrop.train_shared, warm_state,
+                                          shared_scale=cfg.loradrop.shared_scale)
     del base, warm_state
     if shared_users:
         log.info("shared LoRA users per module: %s", shared_users)
     trainable = trainable_parameter_count(model)
     run.results["trainable_params"] = trainable
+    if selection is not None and selection.trainable_params not in (None, trainable):
+        log.warning("the selection predicted %d trainable parameters, the model has %d", selection.trainable_params,
+                    trainable)
     if info.is_main:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
@@ -490,17 +513,22 @@ def restore_engine(run: Run, engine: Any, batches: data_lib.MicroBatches) -> Non
 
 def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[dict[str, torch.Tensor]]]:
     """Stages 2 and 3: train LoRA everywhere on the subset while recording LoRA output
-    norms, then select. Returns ``(selection, base, hf_ds_config, warm_state or None)``:
-    ``base`` is the sampling model with its LoRA removed, still ZeRO-3 partitioned, for
-    the main stage to build on; the sampling engine, its optimizer and hooks are freed."""
-    cfg, info = run.cfg, run.info
+    norms, then select. Every loradrop.auto_check_every steps the selection is computed
+    from the statistics so far and recorded in its history; with sampling_steps=auto the
+    stage ends once it has settled. Returns ``(selection, base, hf_ds_config, warm_state
+    or None)``: ``base`` is the sampling model with its LoRA removed, still ZeRO-3
+    partitioned, for the main stage to build on; the sampling engine, its optimizer and
+    hooks are freed."""
+    cfg, info, drop = run.cfg, run.info, run.cfg.loradrop
     resume_path, resumed = run.resume_path, run.resumed
     model, hf_ds = load_model(cfg.model, run.inputs.ds_config, info.device.type)  # the one read of the base
     model = add_lora(model, cfg.lora, cfg.seed)
-    steps = cfg.loradrop.sampling_steps
-    engine = create_engine(model, run.inputs.ds_config, cfg.loradrop.sampling_lr or cfg.train.lr,
-                           cfg.train.weight_decay, lr_lambda("constant", 0, steps, 1.0))
-    recorder = ImportanceRecorder(model, cfg.lora.target_modules, info.device)
+    auto = drop.sampling_steps == "auto"
+    max_steps = drop.auto_max_steps if auto else drop.sampling_steps
+    engine = create_engine(model, run.inputs.ds_config, drop.sampling_lr or cfg.train.lr,
+                           cfg.train.weight_decay, lr_lambda("constant", 0, max_steps, 1.0))
+    recorder = ImportanceRecorder(model, cfg.lora.target_modules, info.device,
+                                  record_grads=drop.selection == "grad_norm")
     batches = run.micro_batches(run.inputs.sample, cfg.seed)
     start_step = 0
     if resumed is not None:  # mid-sampling: weights, optimizer, data position, RNG and statistics
@@ -511,34 +539,75 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
         # LoRA's B starts at zero, so this is the base model's zero-shot score.
         run.results["zero_shot"] = run.evaluate(engine, "zero-shot eval")
         run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
+    # One entry per check, kept in the results so that checkpoints carry it (a resumed run
+    # continues the same history and reaches the same decision).
+    history: list[dict] = run.results.setdefault("sampling_history", [])
 
-    def after_step(step: int, loss: float) -> None:
+    def select(stats) -> Optional[Selection]:  # rank 0, on the all-reduced statistics
+        return compute_selection(stats, drop.threshold, drop.granularity, method=drop.selection,
+                                 param_scores=param_scores, num_kept=drop.num_kept, param_budget=drop.param_budget,
+                                 costs=run.inputs.costs, keep=drop.keep, seed=cfg.seed)
+
+    def check(step: int) -> bool:
+        """The selection so far (every rank: two small collectives), recorded; True once it
+        has settled. The first steps record zeros (B starts at 0): no selection yet."""
+        nonlocal param_scores
+        stats = distributed.all_reduce_stats(recorder.stats, info.device)
+        param_scores = lora_param_scores(model, cfg.lora.target_modules) if drop.selection == "param_norm" else None
+        now = run_on_every_rank(info, f"selection check at step {step}",
+                                lambda: select(stats) if info.is_main and stats.sq_norm_sums.sum() > 0 else None,
+                                USER_ERRORS, gather=True)[0]
+        history.append({"step": step, "kept": now.kept if now else None,
+                        "scores": (now.scores or now.raw_sums) if now else None})
+        settled = selection_settled([h["kept"] for h in history if h["kept"] is not None], drop.auto_patience)
+        return auto and settled
+
+    param_scores = None
+
+    def after_step(step: int, loss: float) -> bool:
         run.results["sampling_last_loss"] = loss
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != steps:  # the end is saved below
-            run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)
+        stop = step % drop.auto_check_every == 0 and check(step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != max_steps and not stop:
+            run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)  # the end: below
         fault_point(info, f"sampling:{step}")
+        return stop
 
-    result = train_stage(engine, batches, steps, stage="sampling", info=info, logger=run.logger,
+    result = train_stage(engine, batches, max_steps, stage="sampling", info=info, logger=run.logger,
                          log_every=cfg.train.log_every, start_step=start_step, recorder=recorder, on_step=after_step)
     recorder.remove()
+    steps = start_step + result.steps
     run.results["sampling"] = {"steps": steps, "final_loss": run.results.get("sampling_last_loss"),
                                "subset_size": len(run.inputs.sample), "seconds_this_process": result.seconds}
+    if auto:
+        run.results["sampling"]["settled"] = steps < max_steps
+        if steps == max_steps:
+            log.warning("the selection had not settled after loradrop.auto_max_steps=%d sampling steps; selecting "
+                        "from the statistics so far (raise auto_max_steps to let it settle)", max_steps)
 
     # ---------------------------------------------------------- 3. selection
     stats = distributed.all_reduce_stats(recorder.stats, info.device)
+    param_scores = lora_param_scores(model, cfg.lora.target_modules) if drop.selection == "param_norm" else None
 
-    def select() -> Optional[Selection]:
+    def final_select() -> Optional[Selection]:
         fault_point(info, "selection")
-        return compute_selection(stats, cfg.loradrop.threshold, cfg.loradrop.granularity) if info.is_main else None
+        if not info.is_main:
+            return None
+        selection = select(stats)
+        final_scores = selection.scores or selection.raw_sums
+        selection.history = [{"step": h["step"], "kept": h["kept"],
+                              "rank_correlation": rank_correlation(h["scores"], final_scores) if h["scores"] else None}
+                             for h in history]
+        return selection
 
     # The exchange of outcomes carries rank 0's selection to every rank (the broadcast).
-    selection = run_on_every_rank(info, "selection", select, USER_ERRORS, gather=True)[0]
+    selection = run_on_every_rank(info, "selection", final_select, USER_ERRORS, gather=True)[0]
     distributed.check_selection_agreement(selection, info)
-    log.info("kept %d of %d %ss: layers %s", len(selection.kept), len(selection.items), selection.granularity,
-             selection.kept_layers)
+    run.results.pop("sampling_history")  # now in selection.json
+    log.info("kept %d of %d %ss by %s after %d sampling steps: layers %s", len(selection.kept), len(selection.items),
+             selection.granularity, selection.method, steps, selection.kept_layers)
     run.save_checkpoint(engine, "sampling", steps, batches, selection, stats=recorder.stats)
     fault_point(info, f"selection:{steps}")
-    warm_state = checkpoint.gather_lora_state(model) if cfg.loradrop.warm_start else None
+    warm_state = checkpoint.gather_lora_state(model) if drop.warm_start else None
 
     # 4. (first half) Free the engine, its optimizer state and hooks; keep the base. The
     # names are cleared rather than deleted: after_step above holds them in its closure.

@@ -32,16 +32,22 @@ def gather_lora_state(model: nn.Module, copy_here: bool = True) -> dict[str, tor
     """Full CPU copies of every LoRA tensor, keyed by module path.
 
     A shared LoRA appears under every layer that uses it (``remove_duplicate=False``),
-    each as its own tensor: the standard, materialised PEFT form. Call on every rank (the
-    gather is a collective); ranks with ``copy_here=False`` take part in it but copy
-    nothing and get ``{}`` (only the writing rank needs the copy).
+    each as its own tensor: the standard, materialised PEFT form. With per-use gains
+    (``loradrop.shared_scale``) each use's gain is baked into its own B and the gains, with
+    the unscaled shared B, are returned under ``lora.EXTRA_PREFIX`` keys instead
+    (``lora.bake_shared_gains``); :func:`save_adapter` writes those next to the adapter.
+    Call on every rank (the gather is a collective); ranks with ``copy_here=False`` take
+    part in it but copy nothing and get ``{}`` (only the writing rank needs the copy).
     """
+    from .lora import bake_shared_gains
+
     named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "lora_" in n]
     unique = list({id(p): p for _, p in named}.values())
     with _gathered(unique):
         if not copy_here:
             return {}
-        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+        state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}
+    return bake_shared_gains(state)
 
 
 def replace_dir_atomically(tmp: Path, final: Path) -> None:
@@ -60,10 +66,17 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
                  state: Optional[dict[str, torch.Tensor]] = None) -> Optional[Path]:
     """Write ``model`` (a peft model, possibly under ZeRO-3) as a standard PEFT adapter
     (``adapter_config.json`` + ``adapter_model.safetensors``) that
-    ``PeftModel.from_pretrained`` loads on a plain model. Call on every rank."""
+    ``PeftModel.from_pretrained`` loads on a plain model. Per-use gains of the shared LoRA
+    are baked into the adapter's B weights; the gains and the unscaled shared B go to
+    ``lora.GAINS_FILE`` beside it (peft ignores it; the compact export reads it). Call on
+    every rank."""
     from peft.utils import get_peft_model_state_dict
 
+    from .lora import EXTRA_PREFIX, GAIN, GAINS_FILE
+
     state = gather_lora_state(model) if state is None else state
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in state.items() if k.startswith(EXTRA_PREFIX)}
+    state = {k: v for k, v in state.items() if not k.startswith(EXTRA_PREFIX)}
     if not is_main:
         return None
     final = Path(out_dir)
@@ -73,10 +86,16 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
         adapter_state = get_peft_model_state_dict(model, state_dict=state)
         if not adapter_state:
             raise RuntimeError("no LoRA weights found to save")
+        leaked = [k for k in adapter_state if GAIN in k]
+        if leaked:
+            raise RuntimeError(f"shared-LoRA gains {leaked[:3]} would be written into the PEFT adapter; pass the "
+                               "state gather_lora_state returns")
         model.peft_config["default"].save_pretrained(tmp)
         from safetensors.torch import save_file
 
         save_file(adapter_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        if extras:
+            save_file(extras, tmp / GAINS_FILE, metadata={"format": "pt"})
         replace_dir_atomically(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

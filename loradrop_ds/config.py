@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -85,8 +85,29 @@ class LoraDropConfig:
     enabled: bool = True
     threshold: float = 0.9  # T: keep layers until their cumulative importance reaches T
     sample_ratio: float = 0.1  # alpha: fraction of the training set used for sampling
-    sampling_steps: int = 10  # optimizer steps in the sampling stage
+    # Optimizer steps in the sampling stage, or "auto": every auto_check_every steps the
+    # selection is computed from the all-reduced statistics, and the stage stops once it
+    # has not changed for auto_patience checks in a row (at auto_max_steps at the latest).
+    sampling_steps: Union[int, Literal["auto"]] = 10
+    auto_check_every: int = 2
+    auto_patience: int = 3
+    auto_max_steps: int = 50
     sampling_lr: Optional[float] = None  # defaults to train.lr
+    # How items are ranked for keeping: output_norm (the paper's: the LoRA output's squared
+    # norm), random (seeded by `seed`), bottom (the least output), param_norm (||scaling*BA||
+    # at the end of sampling), grad_norm (sum over micro-batches of the LoRA gradients'
+    # squared norm), or list (exactly loradrop.keep). Baselines for the benchmarks.
+    selection: Literal["output_norm", "random", "bottom", "param_norm", "grad_norm", "list"] = "output_norm"
+    keep: Optional[list[Union[int, str]]] = None  # selection=list: layers (7) or, with granularity=module, "7.q_proj"
+    # How many items are kept. Default: as many as output_norm keeps at threshold T (for
+    # output_norm, the paper's T rule). num_kept: exactly that many. param_budget: the
+    # highest-ranked items whose LoRAs, with the shared LoRA counted once, fit this
+    # fraction of plain LoRA's trainable parameters (replaces T).
+    num_kept: Optional[int] = None
+    param_budget: Optional[float] = None
+    # A learned gain on the shared LoRA in each layer that uses it (initialised to 1):
+    # none, scalar (one number per use) or vector (one per rank dimension: B diag(g) A).
+    shared_scale: Literal["none", "scalar", "vector"] = "none"
     # layer: one importance per layer (sum over its LoRA modules), a kept layer keeps
     # all its LoRAs. module: one importance per (layer, module) pair.
     granularity: Literal["layer", "module"] = "layer"
@@ -160,6 +181,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -171,7 +194,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        errors = []
+        for option in inner:  # the first type that takes the value, in declaration order
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        if len(inner) == 1:
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{key}: {value!r} is not one of: " + "; ".join(_type_name(a) for a in inner))
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -357,7 +388,28 @@ def validate(cfg: Config) -> None:
            f"lora.target_modules has duplicates: {lora.target_modules}")
     _check(0.0 < drop.threshold <= 1.0, f"loradrop.threshold (T) must be in (0, 1], got {drop.threshold}")
     _check(0.0 < drop.sample_ratio <= 1.0, f"loradrop.sample_ratio (alpha) must be in (0, 1], got {drop.sample_ratio}")
-    _check(drop.sampling_steps >= 1, f"loradrop.sampling_steps must be >= 1, got {drop.sampling_steps}")
+    _check(drop.sampling_steps == "auto" or drop.sampling_steps >= 1,
+           f"loradrop.sampling_steps must be >= 1 or auto, got {drop.sampling_steps}")
+    _check(drop.auto_check_every >= 1, f"loradrop.auto_check_every must be >= 1, got {drop.auto_check_every}")
+    _check(drop.auto_patience >= 1, f"loradrop.auto_patience must be >= 1, got {drop.auto_patience}")
+    _check(drop.sampling_steps != "auto" or drop.auto_max_steps >= drop.auto_check_every * (drop.auto_patience + 1),
+           f"loradrop.auto_max_steps={drop.auto_max_steps} cannot hold auto_patience+1={drop.auto_patience + 1} checks "
+           f"auto_check_every={drop.auto_check_every} steps apart; raise it to at least "
+           f"{drop.auto_check_every * (drop.auto_patience + 1)}")
+    _check(drop.selection != "list" or bool(drop.keep),
+           "loradrop.selection=list needs loradrop.keep, the items to keep (e.g. loradrop.keep=[0,5,9])")
+    _check(drop.keep is None or drop.selection == "list",
+           f"loradrop.keep is used only with loradrop.selection=list (now {drop.selection}); set one or drop the other")
+    _check(drop.num_kept is None or drop.param_budget is None,
+           "set at most one of loradrop.num_kept and loradrop.param_budget")
+    _check(drop.num_kept is None or drop.num_kept >= 1, f"loradrop.num_kept must be >= 1, got {drop.num_kept}")
+    _check(drop.param_budget is None or 0.0 < drop.param_budget <= 1.0,
+           f"loradrop.param_budget must be in (0, 1] (a fraction of plain LoRA's parameters), got {drop.param_budget}")
+    _check(drop.selection != "list" or (drop.num_kept is None and drop.param_budget is None),
+           "loradrop.selection=list keeps exactly loradrop.keep: drop loradrop.num_kept/param_budget")
+    _check(drop.shared_scale == "none" or drop.train_shared,
+           f"loradrop.shared_scale={drop.shared_scale} scales a trained shared LoRA; with loradrop.train_shared=false "
+           "the shared B stays zero, so set loradrop.shared_scale=none")
     _check(drop.sampling_lr is None or drop.sampling_lr > 0, f"loradrop.sampling_lr must be > 0, got {drop.sampling_lr}")
     _check((train.max_steps is None) != (train.num_epochs is None),
            "set exactly one of train.max_steps and train.num_epochs (e.g. train.max_steps=null train.num_epochs=3); "

@@ -182,11 +182,12 @@ def run_on_every_rank(info: DistInfo, step: str, fn: Callable[[], T],
 
 
 def all_reduce_stats(stats: ImportanceStats, device: torch.device) -> ImportanceStats:
-    """Sum every rank's float64 statistics (one collective for both tensors)."""
-    packed = torch.stack([stats.sq_norm_sums, stats.token_counts]).to(device=device, dtype=torch.float64)
+    """Sum every rank's float64 statistics (one collective for all three tensors)."""
+    packed = torch.stack([stats.sq_norm_sums, stats.token_counts, stats.grad_sq_sums]).to(device=device,
+                                                                                         dtype=torch.float64)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     packed = packed.cpu()
-    return ImportanceStats(list(stats.module_names), packed[0].clone(), packed[1].clone())
+    return ImportanceStats(list(stats.module_names), packed[0].clone(), packed[1].clone(), packed[2].clone())
 
 
 def check_selection_agreement(selection: Selection, info: DistInfo) -> None:

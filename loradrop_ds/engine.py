@@ -153,10 +153,15 @@ def create_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_dec
     """
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    # The shared LoRA's per-use gains (loradrop.shared_scale) start at 1: weight decay would
+    # pull them towards 0, so they get none. The group exists only when there are gains.
+    groups = [{"params": [p for n, p in named if "loradrop_gain" not in n]},
+              {"params": [p for n, p in named if "loradrop_gain" in n], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)

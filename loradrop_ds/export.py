@@ -6,7 +6,9 @@ Formats:
   so ``PeftModel.from_pretrained`` loads it with no knowledge of LoRA-drop.
 * ``compact``: each shared LoRA stored once, plus ``sharing.json`` (which layers use it);
   :func:`load_compact` rebuilds the tied model. Smaller than ``peft`` in proportion to the
-  layers shared.
+  layers shared. With ``loradrop.shared_scale`` it also holds each shared use's gain
+  (``gain.{layer}.{module}``) and the unscaled shared B; the ``peft`` and ``merged``
+  exports have the gains baked into each use's B.
 * ``merged``: LoRA merged into the base weights, loadable by
   ``AutoModelForCausalLM.from_pretrained``: safetensors shards of at most ``max_shard_size``
   (a larger single tensor gets a shard of its own; one ``model.safetensors`` when the model
@@ -43,6 +45,7 @@ import yaml
 
 from . import run_checkpoint as ckpt
 from .importance import Selection, sharing_plan
+from .lora import GAINS_FILE
 
 log = logging.getLogger(__name__)
 FORMATS = ("peft", "compact", "merged")
@@ -131,6 +134,13 @@ def check_adapter(adapter_dir: Path) -> None:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{weights}: missing; the adapter is incomplete")
+    _check_safetensors(weights)
+    if (adapter_dir / GAINS_FILE).is_file():  # the shared LoRA's per-use gains (loradrop.shared_scale)
+        _check_safetensors(adapter_dir / GAINS_FILE)
+
+
+def _check_safetensors(weights: Path) -> None:
+    """A whole safetensors file whose every tensor reads back finite."""
     header = _read_safetensors_header(weights)
     from safetensors import safe_open
 
@@ -237,40 +247,90 @@ def _write_compact(src: ExportSource, out: Path) -> None:
     if src.selection is None:
         raise ExportError("format compact needs a LoRA-drop run (this run trained plain LoRA: nothing is shared); "
                           "use --format peft")
+    from .lora import scaled_b
+
     weights = load_file(src.adapter_dir / "adapter_model.safetensors")
     plan = sharing_plan(src.selection)
     users: dict[str, list[int]] = {}
     for (layer, module), keep in sorted(plan.items()):
         if not keep:
             users.setdefault(module, []).append(layer)
-    compact: dict[str, torch.Tensor] = {}
+    scale, gains, unscaled = _shared_gains(src, users)
+    compact: dict[str, torch.Tensor] = {f"gain.{layer}.{module}": g for (layer, module), g in gains.items()}
     for key, tensor in weights.items():
         where = _module_of(key, src.selection.module_names)
         if where is None or plan[(where[0], where[1])]:
             compact[key] = tensor  # a kept LoRA, stored as in the peft adapter
-        elif where[0] == users[where[1]][0]:
-            compact[f"shared.{where[1]}.{where[2]}.weight"] = tensor  # the shared LoRA, once
+            continue
+        layer, module, ab = where
+        if scale != "none" and ab == "lora_B":  # this use's B is the shared B with its gain baked in
+            shared, expected, template = unscaled[module], scaled_b(unscaled[module], gains[(layer, module)]), \
+                f"{GAINS_FILE} times gain.{layer}.{module}"
         else:
-            template = key.replace(f"layers.{where[0]}.", f"layers.{users[where[1]][0]}.")
-            if not torch.equal(tensor, weights[template]):
-                raise ExportError(f"{key} should equal the shared LoRA in {template} but does not: "
-                                  "the adapter does not match its selection")
+            template = key.replace(f"layers.{layer}.", f"layers.{users[module][0]}.")
+            shared = expected = weights[template]
+        if not torch.equal(tensor, expected):
+            raise ExportError(f"{key} should equal the shared LoRA in {template} but does not: "
+                              "the adapter does not match its selection")
+        compact[f"shared.{module}.{ab}.weight"] = shared  # the shared LoRA, once
     save_file(compact, out / COMPACT_WEIGHTS, metadata={"format": "pt"})
     shutil.copy2(src.adapter_dir / "adapter_config.json", out / "adapter_config.json")
     (out / SHARING_MAP).write_text(json.dumps({
         "num_layers": src.selection.num_layers, "module_names": src.selection.module_names,
         "granularity": src.selection.granularity, "kept": src.selection.kept, "shared_users": users,
+        "shared_scale": scale,
         "key_template": "shared.{module}.{lora_A|lora_B}.weight stands for the LoRA of every (layer, module) in "
-                        "shared_users; all other keys are as in a PEFT adapter",
+                        "shared_users; with shared_scale scalar or vector, gain.{layer}.{module} is that use's "
+                        "gain g (its LoRA is scaling * B diag(g) A; scalar: g * scaling * B A); all other keys "
+                        "are as in a PEFT adapter",
     }, indent=2))
 
 
+def _shared_gains(src: ExportSource, users: dict[str, list[int]]) -> tuple[str, dict, dict]:
+    """``(shared_scale, {(layer, module): gain}, {module: unscaled shared B})`` of the run,
+    from the adapter's ``lora.GAINS_FILE`` (absent: no gains), checked against the run's
+    ``loradrop.shared_scale`` and its shared uses."""
+    from safetensors.torch import load_file
+
+    drop = src.config.get("loradrop", {}) if isinstance(src.config.get("loradrop"), dict) else {}
+    scale = drop.get("shared_scale", "none")
+    path = src.adapter_dir / GAINS_FILE
+    if scale == "none" or not users:
+        if path.is_file():
+            raise ExportError(f"{path}: shared-LoRA gains, but the run's loradrop.shared_scale is {scale!r} and it "
+                              f"shares {'no layer' if not users else 'layers'}; the adapter does not match its run")
+        return "none", {}, {}
+    if not path.is_file():
+        raise ExportError(f"{path}: missing; the run trained with loradrop.shared_scale={scale}, and the compact "
+                          "export needs its gains (the peft export has them baked in: use --format peft)")
+    extras = load_file(path)
+    gains, unscaled = {}, {}
+    for module, layers in users.items():
+        key = f"shared.{module}.lora_B.weight"
+        if key not in extras:
+            raise ExportError(f"{path}: no {key}; the adapter does not match its selection")
+        unscaled[module] = extras.pop(key)
+        for layer in layers:
+            key = f"gain.{layer}.{module}"
+            if key not in extras:
+                raise ExportError(f"{path}: no {key}; the adapter does not match its selection")
+            gains[(layer, module)] = extras.pop(key)
+            r = unscaled[module].shape[1]
+            if list(gains[(layer, module)].shape) != ([1] if scale == "scalar" else [r]):
+                raise ExportError(f"{path}: {key} has shape {list(gains[(layer, module)].shape)}, not what "
+                                  f"shared_scale={scale} at r = {r} gives")
+    if extras:
+        raise ExportError(f"{path}: {sorted(extras)[:3]} are not shared uses of this run's selection")
+    return scale, gains, unscaled
+
+
 def load_compact(base_model: torch.nn.Module, compact_dir: str | os.PathLike) -> torch.nn.Module:
-    """Rebuild the tied LoRA-drop model from a ``compact`` export on a plain base model."""
+    """Rebuild the tied LoRA-drop model from a ``compact`` export on a plain base model
+    (with each shared use's gain, when the run trained with ``loradrop.shared_scale``)."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from .lora import ADAPTER, lora_layers, tie_shared_lora
+    from .lora import ADAPTER, GAIN, add_shared_gains, lora_layers, tie_shared_lora
 
     compact_dir = Path(compact_dir)
     sharing = json.loads((compact_dir / SHARING_MAP).read_text())
@@ -283,12 +343,16 @@ def load_compact(base_model: torch.nn.Module, compact_dir: str | os.PathLike) ->
     for module, layers in sharing["shared_users"].items():
         for layer in layers:
             plan[(layer, module)] = False
-    tie_shared_lora(model, plan, train_shared=True)
+    shared_users = tie_shared_lora(model, plan, train_shared=True)
+    add_shared_gains(model, shared_users, sharing.get("shared_scale", "none"))
     weights = load_file(compact_dir / COMPACT_WEIGHTS)
     layers = lora_layers(model, sharing["module_names"])
     with torch.no_grad():
         for key, tensor in weights.items():
-            if key.startswith("shared."):
+            if key.startswith("gain."):
+                _, layer, module = key.split(".")
+                getattr(layers[(int(layer), module)].lora_A[ADAPTER], GAIN).copy_(tensor)
+            elif key.startswith("shared."):
                 _, module, ab, _ = key.split(".")
                 owner = layers[(sharing["shared_users"][module][0], module)]
                 getattr(owner, ab)[ADAPTER].weight.copy_(tensor)
@@ -687,6 +751,9 @@ def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None)
              f"| LoRA r / alpha / dropout | {lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')} |",
              f"| target modules | {', '.join(lora.get('target_modules', []))} |",
              f"| LoRA-drop | {'on' if drop.get('enabled', True) else 'off (plain LoRA)'} |"]
+    if drop.get("shared_scale", "none") != "none":
+        lines += [f"| shared LoRA gain per use | {drop['shared_scale']}"
+                  + (" (baked into each layer's B)" if fmt != "compact" else "") + " |"]
     if src.selection is not None:
         sel = src.selection
         lines += [f"| threshold T / sample ratio / sampling steps | {sel.threshold} / {drop.get('sample_ratio')} / "

@@ -68,9 +68,19 @@ class ImportanceRecorder:
     backward; those happen outside ``recording`` and are not counted twice. The sums
     stay on the accelerator (no host sync per hook); call :meth:`remove` after the
     sampling stage so the main stage pays nothing.
+
+    With ``record_grads`` (the ``grad_norm`` baseline) it also adds, per micro-batch, the
+    squared Frobenius norm of the LoRA weights' gradient, ``||dL/dA||^2 + ||dL/dB||^2``,
+    to ``stats.grad_sq_sums``. The gradients are formed from activations in tensor hooks
+    (``dL/dB = g_y^T h`` at B's output y = B h, ``dL/dA = g_h^T x`` at A's output h = A x),
+    because under ZeRO-3 a parameter's ``.grad`` is reduce-scattered away before anything
+    could read it. The hooks are registered on the tensors of the recorded forward only;
+    with (non-reentrant) activation checkpointing those are the tensors the backward
+    passes through, so each micro-batch counts once.
     """
 
-    def __init__(self, model: nn.Module, module_names: list[str], device: torch.device | str):
+    def __init__(self, model: nn.Module, module_names: list[str], device: torch.device | str,
+                 record_grads: bool = False):
         self.module_names = list(module_names)
         layers = lora_layers(model, self.module_names)
         num_layers = 1 + max(i for i, _ in layers)
@@ -82,6 +92,9 @@ class ImportanceRecorder:
             scaling = float(lora_layer.scaling[ADAPTER])
             hook = self._make_hook(layer, col, scaling)
             self._handles.append(lora_layer.lora_B[ADAPTER].register_forward_hook(hook))
+            if record_grads:
+                for linear in (lora_layer.lora_A[ADAPTER], lora_layer.lora_B[ADAPTER]):
+                    self._handles.append(linear.register_forward_hook(self._make_grad_hook(layer, col)))
 
     def _make_hook(self, layer: int, col: int, scaling: float):
         def hook(_module, _inputs, output):
@@ -94,6 +107,21 @@ class ImportanceRecorder:
 
         return hook
 
+    def _make_grad_hook(self, layer: int, col: int):
+        def hook(_module, inputs, output):
+            if self._mask is None or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_grad(grad_out: torch.Tensor) -> None:
+                # The weight gradient of this Linear for this micro-batch: sum over tokens of
+                # grad_out (outer) input. Padding positions carry no loss, so no gradient.
+                weight_grad = torch.einsum("...o,...i->oi", grad_out.float(), x.float())
+                self.stats.grad_sq_sums[layer, col] += weight_grad.pow(2).sum(dtype=torch.float64)
+
+            output.register_hook(on_grad)
+
+        return hook
     @contextlib.contextmanager
     def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
         """Count the forwards run inside this block; ``token_mask`` is [batch, seq]."""
@@ -109,6 +137,25 @@ class ImportanceRecorder:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def lora_param_scores(model: nn.Module, module_names: list[str]) -> torch.Tensor:
+    """``[num_layers, num_modules]`` float64: ``||scaling * B A||_F^2`` of every LoRA (the
+    ``param_norm`` baseline), from ``trace((B^T B)(A A^T))``, never forming BA. Under ZeRO-3
+    each LoRA's weights are gathered for the computation (a collective: every rank calls
+    this; outside ZeRO-3 the gather does nothing), so every rank gets the same result."""
+    import deepspeed
+
+    layers = lora_layers(model, list(module_names))
+    num_layers = 1 + max(i for i, _ in layers)
+    scores = torch.zeros(num_layers, len(module_names), dtype=torch.float64)
+    for (layer, module_name), lora_layer in sorted(layers.items()):
+        a, b = lora_layer.lora_A[ADAPTER].weight, lora_layer.lora_B[ADAPTER].weight
+        with deepspeed.zero.GatheredParameters([a, b]), torch.no_grad():
+            a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+            value = torch.trace((b64.T @ b64) @ (a64 @ a64.T)) * float(lora_layer.scaling[ADAPTER]) ** 2
+        scores[layer, module_names.index(module_name)] = value
+    return scores
 
 
 def tie_shared_lora(model: nn.Module, plan: dict[tuple[int, str], bool], train_shared: bool) -> dict[str, list[int]]:
@@ -166,18 +213,115 @@ def strip_lora(model: nn.Module) -> nn.Module:
 
 
 def build_main_lora(base: nn.Module, cfg: LoraConfig, seed: int, plan: Optional[dict[tuple[int, str], bool]],
-                    train_shared: bool, warm_state: Optional[dict[str, torch.Tensor]] = None) -> tuple[nn.Module, dict]:
+                    train_shared: bool, warm_state: Optional[dict[str, torch.Tensor]] = None,
+                    shared_scale: str = "none") -> tuple[nn.Module, dict]:
     """The main stage's LoRA on ``base`` (fresh from disk, or the sampling stage's base
     after :func:`strip_lora`): fresh LoRA everywhere (seeded), kept LoRAs optionally
-    warm-started from ``warm_state``, and, with a ``plan``, the shared LoRA tied in.
-    Returns ``(peft model, {module type: shared layers})``."""
+    warm-started from ``warm_state``, and, with a ``plan``, the shared LoRA tied in, each
+    of its uses with its own learned gain when ``shared_scale`` is "scalar" or "vector"
+    (:func:`add_shared_gains`). Returns ``(peft model, {module type: shared layers})``."""
+    if shared_scale not in SHARED_SCALES:
+        raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
+    if shared_scale != "none" and not train_shared:
+        raise ValueError(f"shared_scale={shared_scale} scales a trained shared LoRA; with train_shared=false use none")
     model = add_lora(base, cfg, seed)
     shared_users: dict[str, list[int]] = {}
     if plan is not None:
         if warm_state is not None:
             warm_start_kept(model, warm_state, plan)
         shared_users = tie_shared_lora(model, plan, train_shared)
+        add_shared_gains(model, shared_users, shared_scale)
     return model, shared_users
+
+
+# ------------------------------------------------------- per-use gains of the shared LoRA
+
+SHARED_SCALES = ("none", "scalar", "vector")
+GAIN = "loradrop_gain"  # the gain's parameter name on a shared use's lora_A module
+# Keys of ``checkpoint.gather_lora_state``'s result that are not PEFT weights (no "lora_" in
+# them): the gains and the unscaled shared B, written next to the adapter in GAINS_FILE.
+EXTRA_PREFIX = "loradrop."
+GAINS_FILE = "loradrop_shared_scale.safetensors"
+
+
+def _apply_gain(module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook on a shared use's ``lora_A``: ``A x`` ([..., r]) times its gain."""
+    return output * getattr(module, GAIN).to(output.dtype)
+
+
+def add_shared_gains(model: nn.Module, shared_users: dict[str, list[int]], shared_scale: str) -> dict:
+    """Give every shared use (every (layer, module) in ``shared_users``) its own learned
+    gain g, initialised to 1, so that use computes ``scaling * B diag(g) A x`` ("vector",
+    g of size r) or ``g * scaling * B A x`` ("scalar"); kept LoRAs get none. Returns
+    ``{(layer, module): gain parameter}`` ({} for "none").
+
+    The gain is an fp32 ``nn.Parameter`` named :data:`GAIN` on that use's own ``lora_A``
+    Linear (not shared: each use has its own module), applied by a forward hook on that
+    module (``_apply_gain``). Must run before ``deepspeed.initialize``. Checked against
+    DeepSpeed 0.19.8 (``runtime/zero/parameter_offload.py``, ``partitioned_param_coordinator.py``):
+
+    * ``_convert_to_zero_parameters`` converts every not-yet-ZeRO parameter of the model
+      (the gain included) when the engine is built, so ZeRO-3 partitions it with the
+      module's other parameters (under the "auto" ``stage3_param_persistence_threshold``
+      it is far below the threshold and stays resident; an explicit config such as
+      ``ds_configs/zero3_tiny.json``, threshold 0, partitions it).
+    * ``_register_deepspeed_module`` adds, per module, a forward pre-hook that fetches
+      ``iter_params(module, recurse=False)`` (the module's direct parameters: ``weight``
+      and the gain) and, after it, forward hooks that release them
+      (``_post_forward_module_hook``) and that wrap the outputs in
+      ``PreBackwardFunctionForModule`` (``_pre_backward_module_hook``). None uses
+      ``prepend``; torch runs forward hooks in registration order, each later hook seeing
+      the output an earlier one returned. Ours is registered first (here, before the
+      engine), so it runs while the gain is gathered, and DeepSpeed's pre-backward
+      function wraps the gained output: in backward it re-fetches the module's
+      parameters (gain included) before the multiplication's and the Linear's backward
+      read them, and the post-backward function on the inputs releases them after.
+    """
+    if shared_scale == "none" or not shared_users:
+        return {}
+    if shared_scale not in SHARED_SCALES:
+        raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
+    layers = lora_layers(model, sorted(shared_users))
+    gains: dict[tuple[int, str], nn.Parameter] = {}
+    for module_name, users in sorted(shared_users.items()):
+        for layer in users:
+            lora_a = layers[(layer, module_name)].lora_A[ADAPTER]
+            if GAIN in lora_a._parameters:
+                raise ValueError(f"layer {layer} {module_name} already has a shared-LoRA gain")
+            size = 1 if shared_scale == "scalar" else lora_a.out_features
+            gain = nn.Parameter(torch.ones(size, dtype=torch.float32, device=lora_a.weight.device))
+            lora_a.register_parameter(GAIN, gain)
+            lora_a.register_forward_hook(_apply_gain)
+            gains[(layer, module_name)] = gain
+    return gains
+
+
+def scaled_b(b: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """``B diag(g)`` (column j times g[j]; a scalar gain scales all of B), in fp32, in B's dtype."""
+    return (b.float() * gain.float()).to(b.dtype)
+
+
+def bake_shared_gains(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``named_parameters`` copies of the LoRA tensors (``remove_duplicate=False``) to the
+    materialised PEFT form: each shared use's gain baked into its own B
+    (``B_layer = B_shared diag(g_layer)``, so plain peft computes exactly what the tied model
+    with gains does) and the gain keys removed; the gains and the unscaled shared B are kept
+    under :data:`EXTRA_PREFIX` keys (``loradrop.gain.{layer}.{module}``,
+    ``loradrop.shared.{module}.lora_B.weight``) for the compact export. No gains: unchanged."""
+    suffix = f".lora_A.{ADAPTER}.{GAIN}"
+    if not any(k.endswith(suffix) for k in state):
+        return state
+    out = {k: v for k, v in state.items() if not k.endswith(suffix)}
+    for key, gain in state.items():
+        if not key.endswith(suffix):
+            continue
+        prefix = key[:-len(suffix)]  # the LoRA layer's module path
+        b_key = f"{prefix}.lora_B.{ADAPTER}.weight"
+        layer, module = int(_LAYER_RE.search(prefix + ".").group(1)), prefix.rsplit(".", 1)[-1]
+        out[b_key] = scaled_b(state[b_key], gain)
+        out[f"{EXTRA_PREFIX}gain.{layer}.{module}"] = gain
+        out.setdefault(f"{EXTRA_PREFIX}shared.{module}.lora_B.weight", state[b_key])
+    return out
 
 
 def warm_start_kept(model: nn.Module, warm_state: dict[str, torch.Tensor], plan: dict[tuple[int, str], bool]) -> None:

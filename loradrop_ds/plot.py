@@ -102,6 +102,44 @@ def plot_importance(
     ax_cum.set_ylabel("cumulative share")
     ax_cum.legend(loc="lower right", fontsize=8)
 
+    _save_atomic(fig, path)
+
+
+def plot_selection_history(path: str | os.PathLike, labels: list[str], history: list[dict]) -> None:
+    """PNG of the sampling stage's selection checks: which items were kept at each check
+    (top; a column per check) and the rank correlation of each check's scores with the
+    final ones (bottom). ``history`` entries: ``{"step", "kept" (list or None: no
+    statistics yet), "rank_correlation" (or None)}``."""
+    if not history:
+        raise ValueError("plot_selection_history: empty history")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = [str(s) for s in labels]
+    steps = [int(h["step"]) for h in history]
+    grid = [[1.0 if h["kept"] is not None and label in h["kept"] else 0.0 for h in history] for label in labels]
+    fig = Figure(figsize=(max(6.0, 0.35 * len(steps) + 3.0), max(4.0, 0.12 * len(labels) + 3.0)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_kept, ax_corr = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax_kept.imshow(grid, aspect="auto", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest",
+                   extent=(-0.5, len(steps) - 0.5, len(labels) - 0.5, -0.5))
+    ax_kept.set_yticks(range(len(labels)))
+    ax_kept.set_yticklabels(labels, fontsize=6 if len(labels) > 24 else 8)
+    ax_kept.set_ylabel("item (blue: own LoRA)")
+    ax_kept.set_title("LoRA-drop selection at each sampling-stage check")
+    corr = [h.get("rank_correlation") for h in history]
+    xs = [i for i, c in enumerate(corr) if c is not None]
+    ax_corr.plot(xs, [corr[i] for i in xs], marker="o", color=KEPT_COLOUR)
+    ax_corr.set_ylim(-1.05, 1.05)
+    ax_corr.set_ylabel("rank corr.\nwith final")
+    ax_corr.set_xticks(range(len(steps)))
+    ax_corr.set_xticklabels([str(s) for s in steps], fontsize=8)
+    ax_corr.set_xlabel("sampling step")
+    _save_atomic(fig, path)
+
+
+def _save_atomic(fig, path: str | os.PathLike) -> None:
     # Atomic write: a reader (or a crash mid-save) never sees a truncated PNG.
     # A plain open() (not mkstemp) keeps the usual umask-derived permissions.
     target = Path(path)

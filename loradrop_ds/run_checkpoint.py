@@ -51,7 +51,7 @@ RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_ever
                      "train.report_to", "train.skip_memory_check", "overwrite"}
 # Files and directories a run writes into output_dir (moved aside together by overwrite=true).
 RUN_FILES = (CHECKPOINTS, "adapter", "summary.json", "config.yaml", "metrics.jsonl", "metrics.jsonl.previous",
-             "selection.json", "importance.png", "probe_logits.safetensors")
+             "selection.json", "importance.png", "selection_history.png", "probe_logits.safetensors")
 FULL_STATE = "full_state.pt"
 
 
@@ -95,7 +95,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Settings that differ and would change the result of a resumed run."""
-    a, b = _flatten(saved), _flatten(current)
+    from .config import Config, to_dict
+
+    # A setting added since the checkpoint was written ran as its default did not exist:
+    # the saved run is read with the defaults of this version for the keys it lacks.
+    a, b = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_CHANGES)
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -179,7 +183,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
 
             written.append(tmp / "stats" / f"rank{info.rank}.safetensors")
             save_file({"sq_norm_sums": stats.sq_norm_sums.detach().cpu(),
-                       "token_counts": stats.token_counts.detach().cpu()},
+                       "token_counts": stats.token_counts.detach().cpu(),
+                       "grad_sq_sums": stats.grad_sq_sums.detach().cpu()},
                       written[-1], metadata={"module_names": json.dumps(stats.module_names)})
         if info.is_main:
             adapter = save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
@@ -508,19 +513,17 @@ def load_rank_stats(path: Path, info: Any, device: torch.device, saved_world_siz
     def read(rank: int) -> ImportanceStats:
         with safe_open(str(Path(path) / "stats" / f"rank{rank}.safetensors"), framework="pt") as st:
             names = json.loads(st.metadata()["module_names"])
+            grads = st.get_tensor("grad_sq_sums").to(device) if "grad_sq_sums" in st.keys() else None
             return ImportanceStats(names, st.get_tensor("sq_norm_sums").to(device),
-                                   st.get_tensor("token_counts").to(device))
+                                   st.get_tensor("token_counts").to(device), grads)
 
     if saved_world_size is None or saved_world_size == info.world_size:
         return read(info.rank)
     total = read(0)
     for rank in range(1, saved_world_size):
-        other = read(rank)
-        total.sq_norm_sums += other.sq_norm_sums
-        total.token_counts += other.token_counts
+        total = total.merged(read(rank))
     if info.rank != 0:
-        total.sq_norm_sums.zero_()
-        total.token_counts.zero_()
+        total = ImportanceStats.zeros(total.num_layers, total.module_names, device)
     return total
 
 

@@ -43,7 +43,7 @@ def train_stage(
     log_every: int = 1,
     start_step: int = 0,
     recorder: Optional[ImportanceRecorder] = None,
-    on_step: Optional[Callable[[int, float], None]] = None,
+    on_step: Optional[Callable[[int, float], Optional[bool]]] = None,
 ) -> StageResult:
     """Run optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each
     (``start_step > 0`` continues a resumed stage; ``batches`` must be positioned to match).
@@ -53,7 +53,8 @@ def train_stage(
     ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
     gradients over ranks, so a step's gradient is the mean of the micro-batch means.
     With a ``recorder``, the forwards add to the LoRA-drop statistics. ``on_step(step,
-    loss)`` runs after every step (checkpoints, periodic eval).
+    loss)`` runs after every step (checkpoints, periodic eval); if it returns True the
+    stage ends there (``sampling_steps=auto``: it must return the same on every rank).
     """
     engine.train()
     grad_accum = engine.gradient_accumulation_steps()
@@ -100,10 +101,10 @@ def train_stage(
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
             window_start, window_tokens, window_steps = now, 0, 0
         bar.update(1)
-        if on_step is not None:
-            on_step(step, mean_loss)
+        if on_step is not None and on_step(step, mean_loss):
+            break
     bar.close()
-    return StageResult(steps - start_step, losses, tokens_total, time.perf_counter() - start)
+    return StageResult(len(losses), losses, tokens_total, time.perf_counter() - start)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -176,3 +176,17 @@ def test_hierarchical_partitioning_trains_the_same(tiny_model, tmp_path, referen
     out = tmp_path / "run"
     run_ranks(TRAIN, args(tiny_model, out, f"deepspeed={tmp_path / 'hpz.json'}"))
     assert_same_run(out, reference_run)
+
+
+def test_settings_added_since_a_checkpoint_compare_as_their_defaults():
+    """A checkpoint written before a setting existed ran as its default: resuming it with the
+    default is the same run, with anything else it is not."""
+    from loradrop_ds import config as config_lib
+
+    current = config_lib.to_dict(config_lib.load_config(None))
+    saved = json.loads(json.dumps(current))
+    for key in ("selection", "param_budget", "shared_scale", "auto_check_every"):
+        del saved["loradrop"][key]
+    assert ckpt.config_differences(saved, current) == []
+    changed = config_lib.to_dict(config_lib.load_config(None, ["loradrop.shared_scale=vector"]))
+    assert ckpt.config_differences(saved, changed) == ["loradrop.shared_scale: checkpoint 'none', now 'vector'"]

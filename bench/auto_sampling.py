@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""How early the LoRA-drop selection settles: a long fixed sampling stage against
+``loradrop.sampling_steps=auto``.
+
+    .venv/bin/python bench/auto_sampling.py [--fixed-steps 40] [--seeds 1 2 3] [--out DIR]
+
+For each seed, two runs of the embedded default (SmolLM2-135M-Instruct, WordNet task, 2
+ranks, ZeRO-3) through the real CLI, both with the default checks (every
+``loradrop.auto_check_every`` = 2 steps, settled after ``auto_patience`` = 3 unchanged
+checks): a fixed stage of ``--fixed-steps`` sampling steps, whose ``selection.json`` holds the
+selection at every check, and an ``auto`` stage. The main stage is cut to one step and the
+eval set to 16 examples: only the selection matters here. Both runs see the same data in
+the same order, so the auto run's checks repeat the first checks of the fixed run.
+
+Reported per seed: the step at which auto stopped, whether it kept the same items as the
+fixed stage's final selection, the first check from which the fixed run's selection never
+changed again, and the rank correlation of each check's scores with the final ones.
+Target (issue 9): the same selection as the long fixed stage in at most half its steps.
+Results: bench/results/auto_sampling.json and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]
+COMMON = ["train.max_steps=1", "train.warmup_steps=0", "data.max_eval_examples=16", "train.save_every=0",
+          "resume=never"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out_dir: Path, overrides: list[str]) -> dict:
+    if (out_dir / "summary.json").exists():  # resumable at the granularity of whole runs
+        print(f"done already: {out_dir}", flush=True)
+    else:
+        if out_dir.exists():
+            os.rename(out_dir, out_dir.with_name(f"{out_dir.name}.unfinished-{int(time.time())}"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "launch/train.py", f"output_dir={out_dir}", *COMMON, *overrides]
+        print("$", shlex.join(cmd), flush=True)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_dir.with_suffix(".log"), "w") as log:
+            subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, check=True)
+    selection = json.loads((out_dir / "selection.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    return {"kept": sorted(selection["kept"], key=int), "history": selection["history"],
+            "sampling_steps": summary["sampling"]["steps"], "settled": summary["sampling"].get("settled"),
+            "sampling_seconds": summary["sampling"]["seconds_this_process"]}
+
+
+def stable_from(history: list[dict], final: list[str]) -> int | None:
+    """The first check step from which every later check kept exactly ``final``."""
+    step = None
+    for h in history:
+        if h["kept"] is not None and sorted(h["kept"], key=int) == final:
+            step = step if step is not None else h["step"]
+        else:
+            step = None
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fixed-steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--out", type=Path, default=HERE / "bench" / "out" / "auto_sampling")
+    parser.add_argument("--results", type=Path, default=HERE / "bench" / "results" / "auto_sampling.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for seed in args.seeds:
+        fixed = run(args.out / f"fixed{args.fixed_steps}_seed{seed}",
+                    [f"seed={seed}", f"loradrop.sampling_steps={args.fixed_steps}"])
+        auto = run(args.out / f"auto_seed{seed}", [f"seed={seed}", "loradrop.sampling_steps=auto"])
+        rows.append({"seed": seed, "fixed": fixed, "auto": auto, "same_selection": auto["kept"] == fixed["kept"],
+                     "fixed_stable_from": stable_from(fixed["history"], fixed["kept"])})
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"command": shlex.join(["python", "bench/auto_sampling.py",
+                                                               *(argv if argv is not None else sys.argv[1:])]),
+                                        "fixed_steps": args.fixed_steps, "runs": rows}, indent=2))
+    print(f"\n| seed | auto stopped at | same kept as fixed {args.fixed_steps} | fixed run stable from step | "
+          "kept (fixed) | rank corr. of auto's last check with fixed final |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        last_auto = r["auto"]["history"][-1]["step"]
+        corr = next(h["rank_correlation"] for h in r["fixed"]["history"] if h["step"] == last_auto)
+        print(f"| {r['seed']} | {r['auto']['sampling_steps']} ({r['auto']['sampling_steps'] / args.fixed_steps:.0%}) "
+              f"| {'yes' if r['same_selection'] else 'NO'} | {r['fixed_stable_from']} | {len(r['fixed']['kept'])} "
+              f"layers | {corr:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
