@@ -252,7 +252,9 @@ def print_report(result: dict) -> None:
               f"{hooks['median_step_s_without_hooks']:.3f} s without "
               f"({hooks['min_max_without_hooks'][0]:.3f}-{hooks['min_max_without_hooks'][1]:.3f}): "
               f"cost {100 * hooks['hooks_cost_fraction']:+.2f}% (per pair: "
-              + ", ".join(f"{100 * c:+.1f}%" for c in hooks["pair_cost_fractions"]) + ")")
+              + ", ".join(f"{100 * c:+.1f}%" for c in hooks["pair_cost_fractions"]) + ")"
+              + (f"; paired (same micro-batch) {100 * hooks['paired_cost_fraction']:+.2f}%, total time "
+                 f"{100 * hooks['total_time_cost_fraction']:+.2f}%" if "paired_cost_fraction" in hooks else ""))
         print(f"AdamW state bytes on rank 0 of the sampling engine (all {hooks['trainable_params']:,} LoRA "
               f"elements): measured {hooks['optimizer_state_bytes_rank0_measured']:,}, formula "
               f"8 x {hooks['partition_numel_rank0']:,} = {hooks['optimizer_state_bytes_rank0_formula']:,} (+4 step)")
@@ -279,9 +281,11 @@ def targets_report(table: dict, hooks: dict | None, sample_ratio: float, samplin
                                    f"{'met' if row['wall_ratio_vs_plain'] <= limit else 'NOT met'}; "
                                    f"{sampling_steps} sampling steps against {steps} main steps)")
     if hooks:
-        ok = hooks["hooks_cost_fraction"] <= 0.02
-        out["hooks"] = (f"hooks cost {100 * hooks['hooks_cost_fraction']:+.2f}% of a sampling step (target <= 2%: "
-                        f"{'met' if ok else 'NOT met'})")
+        # The paired estimate (same micro-batch with and without hooks) when measured: the
+        # ratio of medians mixes in the step-time spread of the sequence lengths.
+        cost = hooks.get("paired_cost_fraction", hooks["hooks_cost_fraction"])
+        out["hooks"] = (f"hooks cost {100 * cost:+.2f}% of a sampling step (target <= 2%: "
+                        f"{'met' if cost <= 0.02 else 'NOT met'})")
     return out
 
 

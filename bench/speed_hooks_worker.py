@@ -105,6 +105,14 @@ def main() -> None:
             "min_max_with_hooks": [min(with_hooks), max(with_hooks)],
             "min_max_without_hooks": [min(without), max(without)],
             "hooks_cost_fraction": med_with / med_without - 1.0,
+            # The same micro-batch with and without hooks, step by step: the step-time spread
+            # from sequence lengths cancels; the median difference over the median step.
+            "paired_cost_fraction": statistics.median(
+                w - o for p in range(args.pairs)
+                for w, o in zip(next(b["step_s"] for b in blocks if b["pair"] == p and b["hooks"]),
+                                next(b["step_s"] for b in blocks if b["pair"] == p and not b["hooks"]), strict=True)
+            ) / med_without,
+            "total_time_cost_fraction": sum(with_hooks) / sum(without) - 1.0,
             # per-pair medians: the spread of the cost estimate
             "pair_cost_fractions": [
                 statistics.median(next(b["step_s"] for b in blocks if b["pair"] == p and b["hooks"]))

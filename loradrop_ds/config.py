@@ -77,6 +77,11 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # lora: standard LoRA. allora: ALLoRA (no dropout, no alpha/r scaling: set dropout=0 and
+    # alpha=r; A's and B's gradients rescaled per output row of BA by
+    # 1/sqrt(||(BA)_i|| + 1/allora_eta2)). The paper also scales the learning rate by eta.
+    variant: Literal["lora", "allora"] = "lora"
+    allora_eta2: float = 4.0
 
 
 @dataclass
@@ -386,6 +391,17 @@ def validate(cfg: Config) -> None:
     _check(len(lora.target_modules) > 0, "lora.target_modules is empty: name at least one module, e.g. [q_proj, v_proj]")
     _check(len(set(lora.target_modules)) == len(lora.target_modules),
            f"lora.target_modules has duplicates: {lora.target_modules}")
+    _check(lora.allora_eta2 > 0, f"lora.allora_eta2 must be > 0, got {lora.allora_eta2}")
+    if lora.variant == "allora":
+        _check(lora.dropout == 0.0 and lora.alpha == lora.r,
+               f"lora.variant=allora trains without dropout and without the alpha/r scaling: set lora.dropout=0 "
+               f"lora.alpha={lora.r} (now dropout {lora.dropout}, alpha {lora.alpha})")
+        _check(drop.shared_scale == "none",
+               "lora.variant=allora rescales gradients by the row norms of each LoRA's BA; a gain per shared use "
+               "would change them per use: set loradrop.shared_scale=none")
+        _check(drop.selection != "grad_norm",
+               "loradrop.selection=grad_norm measures plain LoRA gradients, not ALLoRA's rescaled ones: choose "
+               "another selection with lora.variant=allora")
     _check(0.0 < drop.threshold <= 1.0, f"loradrop.threshold (T) must be in (0, 1], got {drop.threshold}")
     _check(0.0 < drop.sample_ratio <= 1.0, f"loradrop.sample_ratio (alpha) must be in (0, 1], got {drop.sample_ratio}")
     _check(drop.sampling_steps == "auto" or drop.sampling_steps >= 1,

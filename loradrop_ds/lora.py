@@ -20,7 +20,8 @@ _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
-    """Wrap ``model`` with a peft LoRA on ``cfg.target_modules`` of every decoder layer.
+    """Wrap ``model`` with a peft LoRA on ``cfg.target_modules`` of every decoder layer
+    (with ``cfg.variant=allora``, ALLoRA's gradient rescaling on each: ``allora.py``).
 
     Seeding here makes the initialisation identical on every rank (DeepSpeed also
     broadcasts rank 0's values when it partitions the new parameters).
@@ -37,7 +38,12 @@ def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    model = get_peft_model(model, peft_config)
+    if cfg.variant == "allora":  # hooks on every LoRA layer; the adapter stays a plain peft LoRA
+        from .allora import apply_allora
+
+        apply_allora(model, cfg.allora_eta2)
+    return model
 
 
 def lora_layers(model: nn.Module, module_names: list[str]) -> dict[tuple[int, str], nn.Module]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
 from .distributed import DistInfo
+from .engine import forget_zero3_trace
 from .lora import ImportanceRecorder
 from .metrics import MetricsLogger, progress_bar
 
@@ -176,4 +177,5 @@ def evaluate(
     if candidates is not None:
         result["eval_accuracy"] = float(sums[2] / max(sums[3], 1.0))
     engine.train()
+    forget_zero3_trace(engine)  # training must not run on release decisions made for this eval
     return result

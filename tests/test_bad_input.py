@@ -146,7 +146,7 @@ def _float_settings():
 
 def test_every_float_setting_is_covered():
     assert set(_float_settings()) == {
-        "lora.alpha", "lora.dropout", "loradrop.threshold", "loradrop.sample_ratio", "loradrop.sampling_lr",
+        "lora.alpha", "lora.dropout", "lora.allora_eta2", "loradrop.threshold", "loradrop.sample_ratio", "loradrop.sampling_lr",
         "loradrop.param_budget",
         "train.num_epochs", "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
         "data.eval_split_ratio", "dist.timeout_minutes"}

@@ -25,14 +25,14 @@ def ds_config_for(cfg: config_lib.Config, world_size: int) -> dict:
     return load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
 
 
-def randomize_lora_b(model: torch.nn.Module, seed: int) -> None:
+def randomize_lora_b(model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
     """peft starts B at zero; give it seeded values (before tying, before DeepSpeed) so
     that A receives gradients and LoRA outputs are non-zero."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
 def rank_batches(cfg: config_lib.Config, tokenizer, per_rank: int, world: int) -> list[dict]:
