@@ -90,15 +90,17 @@ def main(argv: list[str] | None = None) -> None:
     args.results.write_text(json.dumps({"command": shlex.join(["python", "bench/auto_sampling.py",
                                                                *(argv if argv is not None else sys.argv[1:])]),
                                         "fixed_steps": args.fixed_steps, "runs": rows}, indent=2))
-    print(f"\n| seed | auto stopped at | same kept as fixed {args.fixed_steps} | fixed run stable from step | "
-          "kept (fixed) | rank corr. of auto's last check with fixed final |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| seed | auto stopped at (settled?) | kept by auto | kept by fixed {args.fixed_steps} | same | "
+          "fixed run's selection final from step | fixed run: kept layers at each check | "
+          "fixed run: rank corr. with its final scores at steps 2 / 10 / 20 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        last_auto = r["auto"]["history"][-1]["step"]
-        corr = next(h["rank_correlation"] for h in r["fixed"]["history"] if h["step"] == last_auto)
-        print(f"| {r['seed']} | {r['auto']['sampling_steps']} ({r['auto']['sampling_steps'] / args.fixed_steps:.0%}) "
-              f"| {'yes' if r['same_selection'] else 'NO'} | {r['fixed_stable_from']} | {len(r['fixed']['kept'])} "
-              f"layers | {corr:.3f} |")
+        fixed, auto = r["fixed"], r["auto"]
+        corr = {h["step"]: h["rank_correlation"] for h in fixed["history"]}
+        print(f"| {r['seed']} | {auto['sampling_steps']} ({'yes' if auto['settled'] else 'no: auto_max_steps'}) "
+              f"| {len(auto['kept'])} | {len(fixed['kept'])} | {'yes' if r['same_selection'] else 'no'} "
+              f"| {r['fixed_stable_from']} | {' '.join(str(len(h['kept'])) if h['kept'] else '-' for h in fixed['history'])} "
+              f"| {' / '.join(f'{corr[s]:.3f}' if corr.get(s) is not None else 'n/a' for s in (2, 10, 20))} |")
 
 
 if __name__ == "__main__":
