@@ -38,7 +38,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ADAPTER = "default"
+from .lora import ADAPTER
+
 _X = "_allora_input"  # the layer input a LoRA branch was given, from lora_A's pre-hook
 _A = "_allora_a"  # the copy of A's weight, from lora_A's forward hook
 
