@@ -144,6 +144,12 @@ def main() -> int:
         except ImportError:
             report[name] = None
     print(json.dumps(report), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result_file = args.out / ("gpu_smoke_tiny.json" if args.tiny else "gpu_smoke.json")
+
+    def save() -> None:  # after every part: a run cut short still reports what it reached
+        result_file.write_text(json.dumps(report, indent=2))
+
     work = args.work
     subprocess.run(["rm", "-rf", str(work)], check=True)
     model_dir, data_dir = work / "model", work / "data"
@@ -152,6 +158,7 @@ def main() -> int:
     seq = 256 if args.tiny else 2048
     make_data(data_dir, seq)
     report["setup_s"] = time.perf_counter() - t
+    save()
 
     common = [f"model.path={model_dir}", "model.dtype=bfloat16", "model.gradient_checkpointing=true",
               f"data.train_file={data_dir}/train.jsonl", f"data.eval_file={data_dir}/eval.jsonl",
@@ -170,6 +177,7 @@ def main() -> int:
     code, log, secs = cli([*common, *steps, f"output_dir={drop}"], {"LORADROP_TEST_SIGKILL_AT": "main:6"})
     report["drop_killed"] = {"exit": code, "seconds": secs, "adapter_written": (drop / "adapter").exists()}
     code, log, secs = cli([*common, *steps, f"output_dir={drop}"])
+    save()
     resumed = "resuming from" in log and "main-step0000004" in log
     report["drop_resumed"] = {"exit": code, "seconds": secs, "resumed_from_step_4": resumed}
     if code != 0:
@@ -181,6 +189,8 @@ def main() -> int:
                                                            "rebuild_seconds")})
         report["drop"]["reloaded_max_abs_logit_diff"] = compare_reloaded_adapter(model_dir, drop, device)
 
+    save()
+
     # Plain LoRA, same config.
     plain = work / "plain"
     code, log, secs = cli([*common, "train.max_steps=8", "train.save_every=0", "loradrop.enabled=false",
@@ -191,6 +201,8 @@ def main() -> int:
         if "drop" in report:
             report["drop_main_speed_vs_plain"] = report["plain"]["median_step_s"] / report["drop"]["median_step_s"]
 
+    save()
+
     # Refusals, before any weights load.
     for name, extra in (("fp16", ["model.dtype=float16"]),
                         ("fp32_flash_attn", ["model.dtype=float32", "model.attn_implementation=flash_attention_2"])):
@@ -200,9 +212,7 @@ def main() -> int:
                         "message": lines[-1] if lines else log[-1000:]}
 
     report["total_s"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "gpu_smoke_tiny.json" if args.tiny else "gpu_smoke.json"
-    (args.out / name).write_text(json.dumps(report, indent=2))
+    save()
     print(json.dumps(report, indent=2))
     ok = (report["drop_resumed"]["exit"] == 0 and report["drop_resumed"]["resumed_from_step_4"]
           and report["plain"]["exit"] == 0 and report["fp16"]["exit_code_reported"]

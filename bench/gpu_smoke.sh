@@ -9,15 +9,9 @@
 # On a machine without network whose python3 has torch + transformers + peft but not
 # deepspeed/datasets (this workplace's lent GPU machines): run `bash bench/gpu_wheels.sh`
 # on a networked machine first; it fills .whl/ (git-ignored, 6 MB), which this script
-# installs from. With the device tool: run(command="bash bench/gpu_smoke.sh", carry=[".whl"]).
+# installs from (bench/gpu_env.sh). With the device tool: run(command="bash bench/gpu_smoke.sh", carry=[".whl"]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
-if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/loradrop_site .whl/*.whl
-  export PYTHONPATH=/tmp/loradrop_site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source bench/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-export PYTHONUNBUFFERED=1
 exec "$PY" bench/gpu_smoke.py --out "${OUT:-bench/results}" "$@"
