@@ -35,6 +35,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -93,6 +94,7 @@ from loradrop_ds.model import (  # noqa: E402
     resolve_model_path,
 )
 from loradrop_ds.plot import plot_importance, plot_selection_history  # noqa: E402
+from loradrop_ds.pruning import PRUNE_DIR, Pruner, Shape, load_state, write_prune_dir  # noqa: E402
 from loradrop_ds.training import evaluate, train_stage  # noqa: E402
 
 log = logging.getLogger("loradrop_ds.train")
@@ -188,6 +190,7 @@ class Run:
     logger: MetricsLogger
     results: dict  # zero-shot and final eval, stage summaries: saved in checkpoints and summary.json
     wall_start: float
+    pruner: Optional[Pruner] = None  # LoRAPrune's hooks and state in the main stage (prune.target_sparsity > 0)
 
     @property
     def resume_path(self) -> Optional[Path]:
@@ -213,8 +216,10 @@ class Run:
                               self.inputs.base_model, selection=json.loads(selection.to_json()) if selection else None,
                               results=self.results)
         name = ckpt.checkpoint_name(stage, step)
+        pruner = self.pruner if stage == "main" else None
         ckpt.save_run_checkpoint(engine, self.out_dir, state, self.info, self.cfg.train.keep_last, stats=stats,
-                                 on_point=lambda point: fault_point(self.info, f"{point}:{name}"))
+                                 on_point=lambda point: fault_point(self.info, f"{point}:{name}"),
+                                 write_extra=(lambda d: write_prune_dir(d, pruner)) if pruner else None)
 
 
 def micro_batches(cfg: config_lib.Config, info: DistInfo, inputs: Inputs, indices: Any, seed: int
@@ -449,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     if info.is_main:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
+    if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.pruning)
+        resumed_main = resumed is not None and resumed.stage == "main"
+        run.pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
+                            main_steps, info.device, state=load_state(run.resume_path) if resumed_main else None)
+        if info.is_main:
+            log.info("LoRAPrune: target sparsity %.2f, score and mask updates after steps %s, exempt layers %s",
+                     cfg.prune.target_sparsity, run.pruner.steps, run.pruner.exempt)
     engine = create_engine(model, run.inputs.ds_config, cfg.train.lr, cfg.train.weight_decay,
                            lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, main_steps,
                                      cfg.train.min_lr_ratio))
@@ -469,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     # ------------------------------------------------------------ 5. main stage
     def after_main_step(step: int, loss: float) -> None:
         run.results["main_last_loss"] = loss
+        if run.pruner is not None and step in run.pruner.steps:
+            run.logger.log(run.pruner.update(step, info.world_size), step=step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps:
             run.save_checkpoint(engine, "main", step, batches, selection)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != main_steps:
@@ -476,12 +490,20 @@ def main(argv: list[str] | None = None) -> int:
         fault_point(info, f"main:{step}")
 
     result = train_stage(engine, batches, main_steps, stage="main", info=info, logger=run.logger,
-                         log_every=cfg.train.log_every, start_step=start_step, on_step=after_main_step)
+                         log_every=cfg.train.log_every, start_step=start_step, recorder=run.pruner,
+                         on_step=after_main_step)
     run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
                            "seconds_this_process": result.seconds,
                            "tokens_per_s_per_rank": result.tokens_per_rank / max(result.seconds, 1e-9)}
+    if run.pruner is not None:
+        run.results["prune"] = run.pruner.summary()
+        if info.is_main:
+            log.info("LoRAPrune: %d of %d KV groups and %d of %d MLP channels per layer kept (layers %s exempt); "
+                     "%s base parameters removed", min(run.results["prune"]["kept_groups"]), run.pruner.shape.num_kv_heads,
+                     min(run.results["prune"]["kept_channels"]), run.pruner.shape.intermediate, run.pruner.exempt,
+                     format_count(run.results["prune"]["base_params_removed"]))
     probe: dict | None = {} if cfg.train.save_probe_logits else None
-    run.results["final"] = run.evaluate(engine, "final eval", probe=probe)
+    run.results["final"] = run.evaluate(engine, "final eval", probe=probe)  # masks applied: the pruned model
     run.logger.log({"stage": "eval", **run.results["final"]}, step=main_steps)
 
     # ------------------------------------------------------------------ 6. save
@@ -629,6 +651,13 @@ def save_outputs(run: Run, engine: Any, selection: Optional[Selection], probe: O
         if not info.is_main:
             return
         checkpoint.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
+        if run.pruner is not None:  # written aside, then moved into place whole
+            staging = run.out_dir / f".{PRUNE_DIR}-tmp-{os.getpid()}"
+            shutil.rmtree(staging, ignore_errors=True)
+            write_prune_dir(staging, run.pruner)
+            shutil.rmtree(run.out_dir / PRUNE_DIR, ignore_errors=True)
+            os.replace(staging / PRUNE_DIR, run.out_dir / PRUNE_DIR)
+            staging.rmdir()
         if probe:
             from safetensors.torch import save_file
 

@@ -124,6 +124,25 @@ class LoraDropConfig:
 
 
 @dataclass
+class PruneConfig:
+    """LoRAPrune (structured pruning of the frozen base guided by LoRA's weights and
+    gradients) in the main stage. target_sparsity 0 (the default) turns it off."""
+
+    # Fraction of each pruned layer's KV groups (a key/value head with every query head that
+    # uses it) and of its MLP channels removed by the end of the schedule.
+    target_sparsity: float = 0.0
+    schedule: Literal["cubic"] = "cubic"  # the authors': 0 -> target between start and end fraction
+    start_fraction: float = 0.1  # of the main stage's steps
+    end_fraction: float = 0.9
+    every: int = 10  # main-stage steps between score and mask updates
+    ema: float = 0.9  # moving average of the scores over updates: ema * old + (1 - ema) * new
+    exempt_first_fraction: float = 0.1  # the first int(fraction * layers) layers are never pruned
+    exempt_last: bool = True  # nor the last layer
+    heads: bool = True  # prune attention KV groups
+    channels: bool = True  # prune MLP channels
+
+
+@dataclass
 class TrainConfig:
     # Length of the main stage: max_steps optimizer steps, or num_epochs passes over the
     # training set (set max_steps=null to use it).
@@ -178,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     loradrop: LoraDropConfig = field(default_factory=LoraDropConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
@@ -427,6 +447,31 @@ def validate(cfg: Config) -> None:
            f"loradrop.shared_scale={drop.shared_scale} scales a trained shared LoRA; with loradrop.train_shared=false "
            "the shared B stays zero, so set loradrop.shared_scale=none")
     _check(drop.sampling_lr is None or drop.sampling_lr > 0, f"loradrop.sampling_lr must be > 0, got {drop.sampling_lr}")
+    prune = cfg.prune
+    _check(0.0 <= prune.target_sparsity < 1.0,
+           f"prune.target_sparsity must be in [0, 1) (0 turns pruning off), got {prune.target_sparsity}")
+    if prune.target_sparsity > 0:
+        _check(0.0 <= prune.start_fraction < prune.end_fraction <= 1.0,
+               f"prune.start_fraction and prune.end_fraction need 0 <= start < end <= 1, got "
+               f"{prune.start_fraction} and {prune.end_fraction}")
+        _check(prune.every >= 1, f"prune.every must be >= 1, got {prune.every}")
+        _check(0.0 <= prune.ema < 1.0, f"prune.ema must be in [0, 1), got {prune.ema}")
+        _check(0.0 <= prune.exempt_first_fraction < 1.0,
+               f"prune.exempt_first_fraction must be in [0, 1), got {prune.exempt_first_fraction}")
+        _check(prune.heads or prune.channels, "prune.heads and prune.channels are both false: enable at least one, "
+                                              "or set prune.target_sparsity=0")
+        attn, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
+        _check(not prune.heads or attn & set(lora.target_modules),
+               "prune.heads=true scores attention groups from their LoRA gradients: add at least one of q_proj, "
+               "k_proj, v_proj, o_proj to lora.target_modules, or set prune.heads=false")
+        _check(not prune.channels or mlp & set(lora.target_modules),
+               "prune.channels=true scores MLP channels from their LoRA gradients: add at least one of gate_proj, "
+               "up_proj, down_proj to lora.target_modules, or set prune.channels=false")
+        _check(lora.variant == "lora", "prune.target_sparsity > 0 with lora.variant=allora is not supported: ALLoRA "
+                                       "rescales the gradients LoRAPrune scores with; use lora.variant=lora")
+        _check(not drop.enabled or drop.train_shared,
+               "prune.target_sparsity > 0 scores every layer from its LoRA's gradients, and loradrop.train_shared=false "
+               "freezes the shared LoRA: set loradrop.train_shared=true")
     _check((train.max_steps is None) != (train.num_epochs is None),
            "set exactly one of train.max_steps and train.num_epochs (e.g. train.max_steps=null train.num_epochs=3); "
            f"got max_steps={train.max_steps}, num_epochs={train.num_epochs}")

@@ -142,7 +142,8 @@ def _deepspeed_files(tmp: Path, rank: int, is_main: bool) -> list[Path]:
 
 def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, keep_last: int,
                         stats: Optional[ImportanceStats] = None,
-                        on_point: Optional[Callable[[str], None]] = None) -> Path:
+                        on_point: Optional[Callable[[str], None]] = None,
+                        write_extra: Optional[Callable[[Path], list[Path]]] = None) -> Path:
     """Write a checkpoint of the current engine and run state. Call on every rank.
 
     Every rank writes its own files and reports their sizes; rank 0 builds the manifest
@@ -150,7 +151,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     files may not be visible yet), writes it last and renames the directory into place.
     A failure on any rank is raised on every rank (``run_on_every_rank``).
     ``on_point(name)`` is called on every rank at "before-marker" and "before-rename"
-    (test fault injection).
+    (test fault injection). ``write_extra(dir)`` runs on rank 0 and returns the files it
+    wrote into the checkpoint (LoRAPrune's state and masks); they join the manifest.
     """
     from . import distributed
     from .checkpoint import gather_lora_state, save_adapter
@@ -192,6 +194,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             written.append(tmp / FULL_STATE)
             _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
             written += [f for f in sorted(adapter.rglob("*")) if f.is_file()] + [tmp / "state.json"]
+            if write_extra is not None:
+                written += write_extra(tmp)
         return _sizes(tmp, written)
 
     per_rank = distributed.run_on_every_rank(info, "checkpoint", write_rank_files, gather=True)

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
 from .distributed import DistInfo
 from .engine import forget_zero3_trace
-from .lora import ImportanceRecorder
 from .metrics import MetricsLogger, progress_bar
 
 
@@ -43,7 +42,7 @@ def train_stage(
     logger: MetricsLogger,
     log_every: int = 1,
     start_step: int = 0,
-    recorder: Optional[ImportanceRecorder] = None,
+    recorder: Optional[Any] = None,
     on_step: Optional[Callable[[int, float], Optional[bool]]] = None,
 ) -> StageResult:
     """Run optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each
@@ -53,7 +52,9 @@ def train_stage(
 
     ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
     gradients over ranks, so a step's gradient is the mean of the micro-batch means.
-    With a ``recorder``, the forwards add to the LoRA-drop statistics. ``on_step(step,
+    With a ``recorder`` (an :class:`ImportanceRecorder`, or LoRAPrune's ``Pruner``), each
+    micro-batch's forward runs inside ``recorder.recording(token_mask)``, and
+    ``recorder.begin_step(step)`` is called before each step when it has one. ``on_step(step,
     loss)`` runs after every step (checkpoints, periodic eval); if it returns True the
     stage ends there (``sampling_steps=auto``: it must return the same on every rank).
     """
@@ -71,6 +72,8 @@ def train_stage(
         # The loss stays on the device until the one all-reduce per step: no host sync
         # per micro-batch.
         step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+        if hasattr(recorder, "begin_step"):
+            recorder.begin_step(step)
         for _ in range(grad_accum):
             batch = next(batches)
             n = int(batch["token_mask"].sum())  # counted on the host, before the copy

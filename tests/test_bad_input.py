@@ -149,7 +149,8 @@ def test_every_float_setting_is_covered():
         "lora.alpha", "lora.dropout", "lora.allora_eta2", "loradrop.threshold", "loradrop.sample_ratio", "loradrop.sampling_lr",
         "loradrop.param_budget",
         "train.num_epochs", "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
-        "data.eval_split_ratio", "dist.timeout_minutes"}
+        "data.eval_split_ratio", "dist.timeout_minutes", "prune.target_sparsity", "prune.start_fraction",
+        "prune.end_fraction", "prune.ema", "prune.exempt_first_fraction"}
 
 
 @pytest.mark.parametrize("key", _float_settings())

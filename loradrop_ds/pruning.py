@@ -1,0 +1,298 @@
+"""LoRAPrune in the main stage under ZeRO-3: the distributed glue around :mod:`loradrop_ds.prune`.
+
+What runs where:
+
+* **Gradients of every LoRA use.** In a step that updates the scores, forward hooks on each
+  use's ``lora_A`` and ``lora_B`` register tensor hooks that add that micro-batch's weight
+  gradient, ``dL/dW = g^T x`` at the Linear's output and input, per (layer, module) use.
+  ``.grad`` cannot be read instead: under ZeRO-3 it is reduce-scattered (and, for a LoRA
+  shared by many layers, summed over its uses) before anything could see it. The same
+  hooks copy A and B as the forward saw them, i.e. before the optimizer step, which is the
+  authors' order (scores after clipping, before the step). ``engine.backward`` has already
+  divided the loss by grad_accum, so the sum over micro-batches, all-reduced and divided by
+  the world size, is the step's gradient exactly as DeepSpeed averages it.
+* **The frozen weight W** is gathered once per score update, one module at a time
+  (``GatheredParameters``; every rank takes part, in the same order), used and released:
+  never kept, and never gathered in steps that do not update the scores.
+* **Scores.** Every rank computes the group scores from the same all-reduced gradients and
+  gathered weights; rank 0's are broadcast so the masks are computed from bit-identical
+  inputs everywhere, and a checksum of the masks is compared across ranks after every update.
+* **Masks** are applied by forward pre-hooks on ``o_proj`` (the input columns of a pruned
+  group's query heads) and ``down_proj`` (the input of a pruned channel), in training and in
+  evaluation. That equals deleting the group / channel: a pruned group's q/k/v reach nothing
+  after o_proj's input is zeroed, and a pruned channel's gate/up reach nothing after down's.
+  (The authors mask q, k, v, gate and up outputs instead; the function computed is the same.)
+
+Deviation from the authors, stated: they update the moving average at every optimizer step;
+here the scores are computed at every ``prune.every``-th step (when the masks are updated),
+from that step's gradient, because each computation needs every base weight gathered once:
+at every step that would add half again to ZeRO-3's gather traffic. The EMA runs over
+updates. Hooks hold each LoRA input in an update step (as the grad_norm baseline does), so
+those steps need more activation memory; other steps run without any recording.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import prune as prune_lib
+from .lora import ADAPTER, lora_layers
+from .model import decoder_layers
+
+PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
+STATE_FILE = "state.safetensors"  # PruneState: EMA scores, masks, update count
+MASKS_FILE = "masks.safetensors"  # layers.{i}.attn / layers.{i}.mlp, uint8, 1 = kept (the export's input)
+INFO_FILE = "prune.json"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the masks index: read from the model's config."""
+
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @classmethod
+    def of(cls, model_config: Any) -> Shape:
+        heads = model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        return cls(model_config.num_hidden_layers, model_config.hidden_size, heads,
+                   getattr(model_config, "num_key_value_heads", None) or heads, head_dim,
+                   model_config.intermediate_size)
+
+
+def update_steps(total_steps: int, every: int, end_fraction: float) -> list[int]:
+    """The main-stage steps after which scores and masks are updated: every ``every``-th step,
+    and the first step at or after ``end_fraction`` of training (where the cubic schedule
+    reaches the target), so the target is reached even when no multiple of ``every`` falls
+    between there and the end. None after that step: the masks are final."""
+    final = min(total_steps, max(1, math.ceil(end_fraction * total_steps - 1e-9)))
+    return sorted({s for s in range(every, final + 1, every)} | {final})
+
+
+class Pruner:
+    """LoRAPrune's hooks, state and updates on one rank's (ZeRO-3 partitioned) peft model.
+
+    Create it before ``deepspeed.initialize`` (so its forward hooks run while ZeRO-3 still has
+    A and B gathered) and pass it to ``train_stage`` as the recorder; call :meth:`update`
+    after each step in :attr:`steps`."""
+
+    def __init__(self, model: nn.Module, cfg: Any, module_names: list[str], shape: Shape, total_steps: int,
+                 device: torch.device, state: Optional[prune_lib.PruneState] = None):
+        self.cfg, self.shape, self.total_steps, self.device = cfg, shape, total_steps, device
+        self.exempt = prune_lib.exempt_layers(shape.num_layers, cfg.exempt_first_fraction, cfg.exempt_last)
+        self.steps = update_steps(total_steps, cfg.every, cfg.end_fraction)
+        structures = ([("attn", prune_lib.ATTN_MODULES)] if cfg.heads else []) + \
+                     ([("mlp", prune_lib.MLP_MODULES)] if cfg.channels else [])
+        self.scored = {name: [m for m in mods if m in module_names] for name, mods in structures}
+        self.state = state or prune_lib.PruneState.new(
+            prune_lib.initial_masks(shape.num_layers, shape.num_kv_heads, shape.intermediate))
+        self._uses = {key: layer for key, layer in lora_layers(model, list(module_names)).items()
+                      if key[0] not in self.exempt and any(key[1] in mods for mods in self.scored.values())}
+        self._grads: dict[tuple[int, str, str], torch.Tensor] = {}
+        self._weights: dict[tuple[int, str, str], torch.Tensor] = {}
+        self._recording = False
+        self._step_records = False
+        self._handles = []
+        for key, lora_layer in self._uses.items():
+            for which in ("A", "B"):
+                linear = getattr(lora_layer, f"lora_{which}")[ADAPTER]
+                self._handles.append(linear.register_forward_hook(self._grad_hook((*key, which))))
+        self._device_masks: dict[int, dict[str, torch.Tensor]] = {}
+        layers = decoder_layers(model)
+        for i, layer in enumerate(layers):
+            if i in self.exempt:
+                continue
+            self._handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._mask_hook(i, "attn")))
+            self._handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._mask_hook(i, "mlp")))
+        self._refresh_device_masks()
+
+    # ------------------------------------------------------------------ hooks
+    def _grad_hook(self, key: tuple[int, str, str]):
+        def hook(module, inputs, output):
+            if not self._recording or not output.requires_grad:
+                return
+            x = inputs[0].detach()
+            self._weights[key] = module.weight.detach().float().clone()  # gathered here (see class doc)
+
+            def on_grad(grad_out: torch.Tensor) -> None:
+                g = torch.einsum("...o,...i->oi", grad_out.float(), x.float())
+                self._grads[key] = self._grads[key] + g if key in self._grads else g
+
+            output.register_hook(on_grad)
+
+        return hook
+
+    def _mask_hook(self, layer: int, structure: str):
+        def hook(module, inputs):
+            keep = self._device_masks.get(layer, {}).get(structure)
+            if keep is None:
+                return None
+            x = inputs[0]
+            return (x * keep.to(x.dtype), *inputs[1:])
+
+        return hook
+
+    def _refresh_device_masks(self) -> None:
+        """The input multipliers of o_proj and down_proj for layers with anything pruned."""
+        s, n_rep = self.shape, self.shape.num_heads // self.shape.num_kv_heads
+        self._device_masks = {}
+        for layer, structures in self.state.masks.items():
+            if layer in self.exempt:
+                continue
+            entry = {}
+            if not bool(structures["attn"].all()):  # [kv groups] -> o_proj's input columns (query heads x head_dim)
+                entry["attn"] = structures["attn"].repeat_interleave(n_rep * s.head_dim).to(self.device)
+            if not bool(structures["mlp"].all()):
+                entry["mlp"] = structures["mlp"].to(self.device)
+            if entry:
+                self._device_masks[layer] = entry
+
+    def begin_step(self, step: int) -> None:
+        """Called before each step: record the LoRA gradients only in update steps."""
+        self._step_records = step in self.steps
+
+    @contextlib.contextmanager
+    def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
+        """Around each micro-batch's forward (the train_stage recorder protocol). Recomputed
+        forwards (activation checkpointing) run outside it and are not recorded twice."""
+        self._recording = self._step_records
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    # ----------------------------------------------------------------- update
+    def update(self, step: int, world_size: int) -> dict:
+        """Scores from this step's gradients, the moving average, and the masks at the
+        schedule's ratio for ``step``. Collective: call on every rank. Returns what to log."""
+        import deepspeed
+
+        keys = sorted(self._grads)
+        missing = sorted({(layer, m) for layer, m in self._uses} - {(layer, m) for layer, m, _ in keys})
+        if missing:
+            raise RuntimeError(f"LoRAPrune: no gradient was recorded for {missing[:4]} in step {step}")
+        flat = torch.cat([self._grads[k].reshape(-1) for k in keys]).to(self.device)
+        dist.all_reduce(flat)
+        flat /= world_size
+        grads, offset = {}, 0
+        for k in keys:
+            n = self._grads[k].numel()
+            grads[k] = flat[offset:offset + n].view_as(self._grads[k])
+            offset += n
+        s = self.shape
+        new_scores: dict[int, dict[str, torch.Tensor]] = {}
+        for (layer, module_name), lora_layer in sorted(self._uses.items()):
+            weight = lora_layer.base_layer.weight
+            with deepspeed.zero.GatheredParameters([weight]), torch.no_grad():
+                importance = prune_lib.weight_importance(
+                    weight.detach().to(self.device), self._weights[(layer, module_name, "A")],
+                    self._weights[(layer, module_name, "B")], grads[(layer, module_name, "A")],
+                    grads[(layer, module_name, "B")], float(lora_layer.scaling[ADAPTER]))
+                vector = prune_lib.module_group_scores(module_name, importance, s.num_heads, s.num_kv_heads,
+                                                       s.head_dim)
+            del importance
+            new_scores.setdefault(layer, {})[module_name] = vector
+        blocks: dict[int, dict[str, torch.Tensor]] = {}
+        for layer, vectors in new_scores.items():
+            for structure, mods in self.scored.items():
+                present = {m: v for m, v in vectors.items() if m in mods}
+                if present:
+                    blocks.setdefault(layer, {})[structure] = prune_lib.block_scores(present)
+        order = [(layer, st) for layer in sorted(blocks) for st in sorted(blocks[layer])]
+        flat_scores = torch.cat([blocks[layer][st].float().reshape(-1) for layer, st in order]).to(self.device)
+        dist.broadcast(flat_scores, src=0)  # every rank masks from rank 0's numbers, bit for bit
+        offset = 0
+        for layer, st in order:
+            n = blocks[layer][st].numel()
+            value = flat_scores[offset:offset + n].cpu()
+            offset += n
+            self.state.scores[layer][st] = prune_lib.ema_update(self.state.scores[layer][st], value, self.cfg.ema)
+        ratio = prune_lib.cubic_ratio(step, self.total_steps, self.cfg.target_sparsity, self.cfg.start_fraction,
+                                      self.cfg.end_fraction)
+        scores = {layer: {st: self.state.scores[layer][st] for st in self.scored} for layer in range(s.num_layers)
+                  if layer not in self.exempt}
+        self.state.masks = prune_lib.update_masks(self.state.masks, scores, ratio, self.exempt)
+        self.state.updates += 1
+        self._grads.clear()
+        self._weights.clear()
+        self._refresh_device_masks()
+        self._check_agreement(world_size)
+        sparsity = prune_lib.mask_sparsity(self.state.masks)
+        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden, s.num_heads, s.num_kv_heads, s.head_dim)
+        return {"stage": "prune", "prune_ratio": ratio, "attn_groups_pruned": sparsity["attn"],
+                "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"]}
+
+    def _check_agreement(self, world_size: int) -> None:
+        digest = masks_digest(self.state.masks)
+        mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=self.device)
+        everyone = [torch.zeros_like(mine) for _ in range(world_size)]
+        dist.all_gather(everyone, mine)
+        if any(int(t) != int(mine) for t in everyone):
+            raise RuntimeError(f"LoRAPrune masks differ between ranks: {[int(t) for t in everyone]}")
+
+    # ------------------------------------------------------------------ files
+    def summary(self) -> dict:
+        s = self.shape
+        sparsity = prune_lib.mask_sparsity(self.state.masks)
+        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden, s.num_heads, s.num_kv_heads, s.head_dim)
+        return {"target_sparsity": self.cfg.target_sparsity, "updates": self.state.updates,
+                "exempt_layers": self.exempt, "attn_groups_pruned": sparsity["attn"],
+                "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"],
+                "kept_groups": [int(self.state.masks[i]["attn"].sum()) for i in range(s.num_layers)],
+                "kept_channels": [int(self.state.masks[i]["mlp"].sum()) for i in range(s.num_layers)]}
+
+
+def masks_digest(masks: prune_lib.Masks) -> str:
+    h = hashlib.sha256()
+    for layer in sorted(masks):
+        for name in sorted(masks[layer]):
+            h.update(f"{layer}.{name}:".encode())
+            h.update(masks[layer][name].to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_prune_dir(directory: Path, pruner: Pruner) -> list[Path]:
+    """``directory/prune/``: the state (for resuming), the masks and prune.json (for the
+    pruned export, which reads nothing else of LoRAPrune). Rank 0 only; returns the files."""
+    from safetensors.torch import save_file
+
+    out = Path(directory) / PRUNE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    s = pruner.shape
+    save_file(pruner.state.to_tensors(), out / STATE_FILE)
+    masks = {f"layers.{i}.{name}": m.to(torch.uint8).contiguous()
+             for i, structures in pruner.state.masks.items() for name, m in structures.items()}
+    save_file(masks, out / MASKS_FILE)
+    info = {**pruner.summary(), "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
+            "head_dim": s.head_dim, "intermediate_size": s.intermediate, "hidden_size": s.hidden,
+            "num_hidden_layers": s.num_layers, "masks_sha256": masks_digest(pruner.state.masks)}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return [out / STATE_FILE, out / MASKS_FILE, out / INFO_FILE]
+
+
+def load_state(directory: Path) -> Optional[prune_lib.PruneState]:
+    from safetensors.torch import load_file
+
+    path = Path(directory) / PRUNE_DIR / STATE_FILE
+    return prune_lib.PruneState.from_tensors(load_file(path)) if path.is_file() else None
