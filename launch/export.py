@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Export a finished run or any checkpoint, on CPU, without DeepSpeed ranks.
 
-    python launch/export.py RUN_OR_CHECKPOINT --out DIR [--format peft|compact|merged]
+    python launch/export.py RUN_OR_CHECKPOINT --out DIR [--format peft|compact|merged|pruned]
                             [--max-shard-size 5GB] [--base-model PATH] [--base-model-id OWNER/NAME]
                             [--push-to-hub REPO [--public]]
 
 RUN_OR_CHECKPOINT is a run's output_dir (its final adapter/, or its newest complete
-checkpoint if the run did not finish) or output_dir/checkpoints/<name>. Every input is checked
+checkpoint if the run did not finish) or output_dir/checkpoints/<name>. --format pruned (a run
+with a prune: section) removes LoRAPrune's pruned KV groups and MLP channels and merges the LoRA:
+a smaller model for plain transformers, every layer at the widest layer's kept width (exempt
+full-width layers limit the saving; see loradrop_ds/export.py). Every input is checked
 before anything is written; a bad one is one "error:" line on stderr and exit code 2.
 """
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="run output_dir or checkpoint directory")
     parser.add_argument("--out", required=True, help="new (or empty) directory to write the export to")
     parser.add_argument("--format", default="peft", choices=FORMATS)
-    parser.add_argument("--max-shard-size", default="5GB", help="merged: safetensors shard size (default 5GB)")
+    parser.add_argument("--max-shard-size", default="5GB", help="merged, pruned: safetensors shard size (default 5GB)")
     parser.add_argument("--base-model", help="base model directory if not where the run read it (checked to match)")
     parser.add_argument("--base-model-id", metavar="OWNER/NAME",
                         help="the base model's Hub id, for the model card's base_model metadata (a builtin base "

@@ -21,6 +21,16 @@ Formats:
   RSS over the RSS after imports): 0.10 GB for a 382 MB model and 0.11-0.12 GB for a 760 MB
   one (its adapter is 10 MB larger), where loading the whole model to merge it took
   0.43-0.47 GB and 0.83-0.85 GB.
+* ``pruned``: for a LoRAPrune run (``prune/masks.safetensors`` and ``prune/prune.json`` next to
+  the adapter): the ``merged`` export with the pruned attention KV groups (a KV head and its
+  query heads) and MLP channels removed, a smaller LLaMA that plain
+  ``AutoModelForCausalLM.from_pretrained`` loads (``config.json`` with the kept head counts,
+  ``head_dim`` and ``intermediate_size``). transformers' LLaMA has one width for all layers,
+  so every layer is written at the widest layer's kept width, a narrower layer padded with
+  exactly-zero units that compute what its masks did (:class:`_PrunePlan`): with
+  LoRAPrune's exempt full-width layers the model is only as small as its widest layer; the
+  physical saving is full when no layer is exempt (``prune.exempt_first_fraction=0
+  prune.exempt_last=false``). Same streaming and memory as ``merged``.
 
 Every export carries a model card (``README.md``). Exports are written to a temporary
 directory and renamed into place, so a failed export leaves nothing half-written, and an
@@ -48,7 +58,7 @@ from .importance import Selection, sharing_plan
 from .lora import GAINS_FILE
 
 log = logging.getLogger(__name__)
-FORMATS = ("peft", "compact", "merged")
+FORMATS = ("peft", "compact", "merged", "pruned")
 COMPACT_WEIGHTS = "loradrop_compact.safetensors"
 SHARING_MAP = "sharing.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -657,46 +667,286 @@ def _plan_merged(src: ExportSource, base_dir: str, max_shard_size: str | int) ->
                       tokenizer)
 
 
-def _write_merged(plan: _MergePlan, out: Path) -> None:
+def _write_merged(plan: _MergePlan, out: Path, pruned: Optional[_PrunePlan] = None) -> None:
     """Merge shard by shard: the base's tensors are read one at a time, each LoRA-targeted
     weight gets its delta, and every output shard is written as soon as it is full, so
     memory holds one output shard (``max_shard_size``), the adapter and one fp32 delta,
     whatever the model's size. The output is sharded by ``max_shard_size`` like
     ``save_pretrained`` (one file ``model.safetensors``, or shards plus an index), each
-    tensor in the dtype the base stores it in."""
+    tensor in the dtype the base stores it in.
+
+    With ``pruned`` (the ``pruned`` format), each merged tensor is then cut as the prune plan
+    says (:class:`_PrunePlan`), the shards are planned on the cut sizes, and ``config.json``
+    is the plan's (the kept widths, ``head_dim`` written explicitly)."""
     from safetensors.torch import save_file
 
     model_dir, tensors, factors, shards, max_bytes = plan.model_dir, plan.tensors, plan.factors, plan.shards, \
         plan.max_bytes
+    if pruned is not None:
+        shards = _plan_output_shards(pruned.shapes(tensors), max_bytes)
     for name in ("config.json", "generation_config.json"):
-        if (model_dir / name).is_file():
+        if (model_dir / name).is_file() and not (pruned is not None and name == "config.json"):
             shutil.copy2(model_dir / name, out / name)
-    if plan.trust:  # the model's own code, which config.json's auto_map names
+    if pruned is not None:
+        (out / "config.json").write_text(json.dumps(pruned.config, indent=2, sort_keys=True) + "\n")
+    elif plan.trust:  # the model's own code, which config.json's auto_map names
         for code in model_dir.glob("*.py"):
             shutil.copy2(code, out / code.name)
     plan.tokenizer.save_pretrained(out)
 
     log.info("merging LoRA into %d of %d base tensors, %d output shard(s) of up to %s bytes",
              len(factors), len(tensors), len(shards), f"{max_bytes:,}")
+    if pruned is not None:
+        log.info("pruning: KV groups kept per layer %s, MLP channels kept per layer %s; every layer is written with "
+                 "%d KV groups (%d query heads) and %d channels: %s. Parameters: %s physical, %s non-zero, %s "
+                 "unpruned", pruned.kept_groups, pruned.kept_channels, pruned.width_groups,
+                 pruned.width_groups * pruned.n_rep, pruned.width_channels, PRUNED_SCHEME,
+                 f"{pruned.physical_params:,}", f"{pruned.nonzero_params:,}", f"{pruned.unpruned_params:,}")
 
     names = [SAFE_WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                                                      for i in range(1, len(shards) + 1)]
     stream = _stream_base_tensors(tensors)
     weight_map: dict[str, str] = {}
+    total_params = total_size = 0
     for filename, shard in zip(names, shards, strict=True):
         merged: dict[str, torch.Tensor] = {}  # drops the previous shard before this one is read
         for name in shard:
             streamed, tensor = next(stream)
             assert streamed == name  # the plan and the stream walk ``tensors`` in the same order
-            merged[name] = _merge_lora(tensor, factors[name]) if name in factors else tensor
+            tensor = _merge_lora(tensor, factors[name]) if name in factors else tensor
+            if pruned is not None and name in pruned.slices:
+                tensor = pruned.slices[name].apply(tensor)  # after the merge: LoRA's delta is on the full shape
+            merged[name] = tensor
             weight_map[name] = filename
+            total_params += tensor.numel()
+            total_size += tensor.numel() * tensor.element_size()
         save_file(merged, out / filename, metadata={"format": "pt"})
     if len(shards) > 1:
-        total_params = sum(math.prod(info.shape) for info in tensors.values())
         (out / SAFE_INDEX).write_text(json.dumps({
-            "metadata": {"total_parameters": total_params, "total_size": sum(t.nbytes for t in tensors.values())},
+            "metadata": {"total_parameters": total_params, "total_size": total_size},
             "weight_map": dict(sorted(weight_map.items())),
         }, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------ pruned (LoRAPrune)
+
+PRUNE_DIR = "prune"
+PRUNE_MASKS = "masks.safetensors"
+PRUNE_INFO = "prune.json"
+# Architectures whose decoder layers are exactly LLaMA's q/k/v/o and gate/up/down projections,
+# with one head count and one intermediate size in config.json (see _PrunePlan).
+_PRUNABLE_MODEL_TYPES = ("llama",)
+_LAYER_TENSOR = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
+PRUNED_SCHEME = ("every layer is written at the widest layer's kept width (per structure); a layer that kept fewer "
+                 "units keeps its kept units plus its lowest-index pruned ones, whose weights are exactly zero, so it "
+                 "computes what the masked model computes. With exempt full-width layers (LoRAPrune exempts the "
+                 "first 10% of layers and the last one) the model is therefore only as small as its widest layer; "
+                 "the physical saving is full when no layer is exempt (prune.exempt_first_fraction=0 "
+                 "prune.exempt_last=false)")
+
+
+@dataclass
+class _Slice:
+    """How one base tensor is cut: keep ``index`` along ``dim``, then zero the kept positions ``zero``."""
+
+    dim: int
+    index: torch.Tensor  # long, ascending
+    zero: torch.Tensor  # long, positions in the cut tensor along ``dim`` that are padding
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        cut = tensor.index_select(self.dim, self.index)
+        if len(self.zero):
+            cut.index_fill_(self.dim, self.zero, 0)
+        return cut
+
+
+@dataclass
+class _PrunePlan:
+    """The pruned export's cuts, read and checked before anything is written.
+
+    transformers' LLaMA has one width for every layer: ``LlamaAttention`` builds q/k/v/o from
+    ``config.num_attention_heads``, ``config.num_key_value_heads`` and ``config.head_dim``, and
+    ``LlamaMLP`` gate/up/down from ``config.intermediate_size`` (transformers 5.x
+    ``models/llama/modeling_llama.py``), with no per-layer override. LoRAPrune's masks differ by
+    layer (its exempt layers keep full width), so every layer is written at the widest layer's
+    kept count ``W_max`` (per structure, attention KV groups and MLP channels): a layer that kept
+    fewer keeps its kept units plus ``W_max - kept`` of its pruned ones, lowest index first,
+    with their weights (q/k/v rows and o_proj columns of a padded group, gate/up rows and the
+    down_proj column of a padded channel, and their biases) set to exactly zero. A zero group
+    has q = k = v = 0, so its attention output is 0 and adds nothing through its zero o_proj
+    columns; a zero channel gives silu(0) * 0 = 0 through its zero down_proj column: the layer
+    computes exactly what the masked model computes. With exempt full-width layers the export is
+    only as small as the widest layer; the physical saving is full when no layer is exempt
+    (``prune.exempt_first_fraction=0 prune.exempt_last=false``)."""
+
+    config: dict  # the output config.json
+    slices: dict[str, _Slice]  # base tensor name -> its cut (tensors not named are written whole)
+    kept_groups: list[int]  # per layer, the KV groups the masks keep
+    kept_channels: list[int]
+    width_groups: int  # W_max: KV groups every layer is written with
+    width_channels: int
+    n_rep: int
+    info: dict  # prune.json
+    unpruned_params: int
+    physical_params: int
+    nonzero_params: int  # physical minus the padding zeros
+
+    def shapes(self, tensors: dict[str, _BaseTensor]) -> dict[str, _BaseTensor]:
+        """``tensors`` with the output shapes and sizes (for shard planning)."""
+        out = {}
+        for name, info in tensors.items():
+            cut = self.slices.get(name)
+            shape = list(info.shape)
+            if cut is not None:
+                shape[cut.dim] = len(cut.index)
+            per = info.nbytes // max(math.prod(info.shape), 1)
+            out[name] = _BaseTensor(info.file, shape, per * math.prod(shape))
+        return out
+
+
+def _prune_files(src: ExportSource) -> tuple[Path, Path]:
+    """``prune/masks.safetensors`` and ``prune/prune.json`` next to the source's adapter."""
+    prune = src.adapter_dir.parent / PRUNE_DIR
+    masks, info = prune / PRUNE_MASKS, prune / PRUNE_INFO
+    if not prune.is_dir():
+        raise ExportError(f"{src.path}: no {PRUNE_DIR}/ directory: this {src.kind} was trained without a prune: "
+                          "section, so there is nothing to prune; use --format merged")
+    for f in (masks, info):
+        if not f.is_file():
+            raise ExportError(f"{f}: missing; the prune masks are incomplete (export another checkpoint, or "
+                              "--format merged for the unpruned model)")
+    return masks, info
+
+
+def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
+    """Read the run's prune masks and check them against the base model's config and weights."""
+    from safetensors.torch import load_file
+
+    masks_file, info_file = _prune_files(src)
+    config = _parsed(plan.model_dir / "config.json", _json_object)
+    model_type = config.get("model_type")
+    if model_type not in _PRUNABLE_MODEL_TYPES:
+        raise ExportError(f"base model {plan.model_dir} is model_type {model_type!r}; the pruned export writes "
+                          f"LLaMA-architecture models only ({', '.join(_PRUNABLE_MODEL_TYPES)}); use --format merged")
+    try:
+        hidden, heads, layers = int(config["hidden_size"]), int(config["num_attention_heads"]), \
+            int(config["num_hidden_layers"])
+        kv = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        inter = int(config["intermediate_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{plan.model_dir / 'config.json'}: no usable {e} setting; it is not a LLaMA config; "
+                          "use --format merged") from None
+    if heads % kv or int(config.get("pretraining_tp", 1) or 1) != 1:
+        raise ExportError(f"{plan.model_dir / 'config.json'}: {heads} heads over {kv} KV heads (pretraining_tp "
+                          f"{config.get('pretraining_tp', 1)}) is not a layout the pruned export can cut; "
+                          "use --format merged")
+    n_rep = heads // kv
+    info = _parsed(info_file, _json_object)
+    want = {"num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": head_dim,
+            "intermediate_size": inter}
+    for key, value in want.items():
+        if info.get(key) != value:
+            raise ExportError(f"{info_file}: {key} is {info.get(key)!r} but the base model {plan.model_dir} has "
+                              f"{value}; these masks were made for another model (pass the base it trained on "
+                              "with --base-model)")
+    masks = _parsed(masks_file, lambda f: (_read_safetensors_header(f), load_file(f))[1])
+    expected = {f"layers.{i}.{part}" for i in range(layers) for part in ("attn", "mlp")}
+    if set(masks) != expected:
+        odd = sorted(set(masks) ^ expected, key=str)[:3]
+        raise ExportError(f"{masks_file}: tensors {odd} do not fit the base model's {layers} layers (want "
+                          "layers.{i}.attn and layers.{i}.mlp for each); these masks were made for another model")
+
+    # Expected shape of every per-layer projection (LlamaAttention / LlamaMLP).
+    q_out, kv_out = heads * head_dim, kv * head_dim
+    shapes = {("self_attn", "q"): [q_out, hidden], ("self_attn", "k"): [kv_out, hidden],
+              ("self_attn", "v"): [kv_out, hidden], ("self_attn", "o"): [hidden, q_out],
+              ("mlp", "gate"): [inter, hidden], ("mlp", "up"): [inter, hidden], ("mlp", "down"): [hidden, inter]}
+    found: dict[tuple[int, str, str, str], str] = {}
+    for name, t in plan.tensors.items():
+        m = _LAYER_TENSOR.match(name)
+        if m is None:
+            continue
+        layer, block, proj, kind = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        want_shape = shapes.get((block, proj))
+        if want_shape is None or layer >= layers or \
+                t.shape != (want_shape if kind == "weight" else want_shape[:1]):
+            raise ExportError(f"base model tensor {name} has shape {t.shape}, not the LLaMA layout its config gives; "
+                              "the pruned export cannot cut it; use --format merged")
+        found[(layer, block, proj, kind)] = name
+    missing = [f"layers.{i}.{b}.{p}_proj.weight" for i in range(layers) for (b, p) in shapes
+               if (i, b, p, "weight") not in found]
+    if missing:
+        raise ExportError(f"base model {plan.model_dir} has no {missing[0]}: not a LLaMA-architecture model the "
+                          "pruned export can cut; use --format merged")
+
+    kept_sets: list[tuple[list[int], list[int]]] = []
+    for i in range(layers):
+        units = []
+        for part, n, what in (("attn", kv, "KV groups"), ("mlp", inter, "MLP channels")):
+            mask = masks[f"layers.{i}.{part}"]
+            if list(mask.shape) != [n] or mask.is_floating_point() or mask.is_complex() or \
+                    not bool(((mask == 0) | (mask == 1)).all()):
+                raise ExportError(f"{masks_file}: layers.{i}.{part} has shape {list(mask.shape)} and dtype "
+                                  f"{mask.dtype}; the base model needs 0/1 integers of shape [{n}] ({what}); these "
+                                  "masks were made for another model")
+            kept = [int(j) for j in torch.nonzero(mask).flatten()]
+            if not kept:
+                raise ExportError(f"{masks_file}: layer {i} keeps no {what}; a layer with none left cannot be "
+                                  "written (train with a lower prune target sparsity, or export an earlier checkpoint)")
+            units.append(kept)
+        kept_sets.append((units[0], units[1]))
+    width_g = max(len(g) for g, _ in kept_sets)
+    width_c = max(len(c) for _, c in kept_sets)
+
+    def chosen(kept: list[int], n: int, width: int) -> tuple[list[int], set[int]]:
+        pruned = [j for j in range(n) if j not in set(kept)]
+        pad = pruned[:width - len(kept)]  # lowest index first
+        return sorted(kept + pad), set(pad)
+
+    slices: dict[str, _Slice] = {}
+    for i, (kept_g, kept_c) in enumerate(kept_sets):
+        groups, pad_g = chosen(kept_g, kv, width_g)
+        channels, pad_c = chosen(kept_c, inter, width_c)
+        q_heads = [g * n_rep + r for g in groups for r in range(n_rep)]  # repeat_kv: head h uses KV head h // n_rep
+
+        def rows(units, pad_units, step=head_dim):
+            index = [u * step + d for u in units for d in range(step)]
+            zero = [pos * step + d for pos, u in enumerate(units) if u in pad_units for d in range(step)]
+            return torch.tensor(index, dtype=torch.long), torch.tensor(zero, dtype=torch.long)
+
+        q_index, q_zero = rows(q_heads, {h for h in q_heads if h // n_rep in pad_g})
+        kv_index, kv_zero = rows(groups, pad_g)
+        c_index, c_zero = rows(channels, pad_c, step=1)
+        cuts = {("self_attn", "q", "weight"): (0, q_index, q_zero), ("self_attn", "q", "bias"): (0, q_index, q_zero),
+                ("self_attn", "k", "weight"): (0, kv_index, kv_zero), ("self_attn", "k", "bias"): (0, kv_index, kv_zero),
+                ("self_attn", "v", "weight"): (0, kv_index, kv_zero), ("self_attn", "v", "bias"): (0, kv_index, kv_zero),
+                ("self_attn", "o", "weight"): (1, q_index, q_zero),  # o_proj's bias is per output: untouched
+                ("mlp", "gate", "weight"): (0, c_index, c_zero), ("mlp", "gate", "bias"): (0, c_index, c_zero),
+                ("mlp", "up", "weight"): (0, c_index, c_zero), ("mlp", "up", "bias"): (0, c_index, c_zero),
+                ("mlp", "down", "weight"): (1, c_index, c_zero)}  # down_proj's bias likewise
+        for (block, proj, kind), (dim, index, zero) in cuts.items():
+            name = found.get((i, block, proj, kind))
+            if name is not None:
+                slices[name] = _Slice(dim, index, zero)
+
+    unpruned = physical = zeros = 0
+    for name, t in plan.tensors.items():
+        numel = math.prod(t.shape)
+        unpruned += numel
+        cut = slices.get(name)
+        if cut is None:
+            physical += numel
+            continue
+        per_index = numel // t.shape[cut.dim]
+        physical += per_index * len(cut.index)
+        zeros += per_index * len(cut.zero)
+
+    out_config = {k: v for k, v in config.items() if k != "auto_map"}  # plain transformers, no remote code
+    out_config.update({"num_attention_heads": width_g * n_rep, "num_key_value_heads": width_g,
+                       "head_dim": head_dim, "intermediate_size": width_c})
+    return _PrunePlan(out_config, slices, [len(g) for g, _ in kept_sets], [len(c) for _, c in kept_sets],
+                      width_g, width_c, n_rep, info, unpruned, physical, physical - zeros)
 
 
 # ------------------------------------------------------------------------ model card
@@ -730,21 +980,27 @@ def check_card_metadata(text: str, want: dict) -> None:
         raise ExportError(f"model card base_model {base!r} is not a Hub model id (owner/name)")
 
 
-def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None) -> str:
+def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None,
+               pruned: Optional[_PrunePlan] = None) -> str:
     """The export's ``README.md``: Hub metadata built with ``ModelCardData`` and checked
-    (:func:`check_card_metadata`), then the settings, selection, metrics and how to load it."""
+    (:func:`check_card_metadata`), then the settings, selection, metrics and how to load it;
+    for ``pruned`` also the kept KV groups and MLP channels per layer, the uniform-width scheme
+    and the physical, non-zero and unpruned parameter counts."""
     from huggingface_hub import ModelCardData
 
     cfg = src.config
     lora, drop = cfg.get("lora", {}), cfg.get("loradrop", {})
     hub_id = hub_base_model(src, base_model_id)
     base = hub_id or src.base_model.get("path") or cfg.get("model", {}).get("path")
-    tags = ["lora", "loradrop", "loradrop_ds"] + (["peft"] if fmt != "merged" else ["merged"])
-    data = ModelCardData(base_model=hub_id, library_name="transformers" if fmt == "merged" else "peft",
+    standalone = fmt in ("merged", "pruned")  # loads with transformers alone
+    tags = ["lora", "loradrop", "loradrop_ds"] + (["merged"] if standalone else ["peft"]) + \
+        (["pruned", "loraprune"] if fmt == "pruned" else [])
+    title = {"merged": "merged model", "pruned": "pruned (LoRAPrune) merged model"}.get(fmt, "adapter")
+    data = ModelCardData(base_model=hub_id, library_name="transformers" if standalone else "peft",
                          pipeline_tag="text-generation", tags=tags)
     metadata = data.to_dict()
     lines = ["---", data.to_yaml().rstrip("\n"), "---", "",
-             f"# LoRA-drop {'merged model' if fmt == 'merged' else 'adapter'} for {base}", "",
+             f"# LoRA-drop {title} for {base}", "",
              f"Trained with [loradrop_ds](https://arxiv.org/abs/2402.07721)-style LoRA-drop on DeepSpeed ZeRO-3 "
              f"({src.kind} `{src.path.name}`, export format `{fmt}`).", "",
              "## Settings", "", "| setting | value |", "|---|---|",
@@ -771,6 +1027,25 @@ def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None)
                   for item, imp in zip(src.selection.items, src.selection.importance, strict=True)]
         if src.importance_png is not None:
             lines += ["", "![importance per layer](importance.png)"]
+    if pruned is not None:
+        p = pruned
+        sparsity = p.info.get("target_sparsity")
+        lines += ["", "## Pruning (LoRAPrune)", "",
+                  f"The base model's attention KV groups (a KV head with its {p.n_rep} query head(s)) and MLP channels "
+                  f"were pruned by LoRAPrune masks during training (target sparsity {sparsity}, exempt layers "
+                  f"{p.info.get('exempt_layers')}); the pruned units are removed here and the LoRA is merged.", "",
+                  f"transformers' LLaMA has one width for all layers, so {PRUNED_SCHEME}. This export: every layer has "
+                  f"{p.width_groups} KV groups ({p.width_groups * p.n_rep} query heads, head_dim "
+                  f"{p.config['head_dim']}) and {p.width_channels} MLP channels.", "",
+                  "| parameters | count |", "|---|---|",
+                  f"| physical (stored) | {p.physical_params:,} ({100.0 * p.physical_params / p.unpruned_params:.1f}% "
+                  "of unpruned) |",
+                  f"| non-zero (physical minus padding zeros) | {p.nonzero_params:,} "
+                  f"({100.0 * p.nonzero_params / p.unpruned_params:.1f}% of unpruned) |",
+                  f"| unpruned base | {p.unpruned_params:,} |", "",
+                  "| layer | KV groups kept | MLP channels kept |", "|---|---|---|"]
+        lines += [f"| {i} | {g} of {p.width_groups} written | {c} of {p.width_channels} written |"
+                  for i, (g, c) in enumerate(zip(p.kept_groups, p.kept_channels, strict=True))]
     metrics = {k: v for k, v in src.results.items() if k in ("zero_shot", "final") and v}
     if metrics:
         lines += ["", "## Evaluation", "", "| | " + " | ".join(sorted({m for v in metrics.values() for m in v})) + " |"]
@@ -805,10 +1080,12 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
     """Write ``fmt`` export of ``source`` to ``out`` (which must not exist or be empty).
 
     Every input is read and checked before anything is written (the settings, the source's
-    files, the adapter, and for ``merged`` the base's weight files and tokenizer); on any
+    files, the adapter, for ``merged`` and ``pruned`` the base's weight files and tokenizer,
+    for ``pruned`` the prune masks against the base); on any
     error ``out`` and the directories above it are as they were, and the source is only read."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: choose one of {list(FORMATS)}")
+    merges = fmt in ("merged", "pruned")
     _shard_size_bytes(max_shard_size)  # a typo is refused whatever the format
     if base_model_id is not None and not HUB_ID.fullmatch(base_model_id):
         raise ExportError(f"--base-model-id {base_model_id!r}: not a Hub model id; give it as owner/name, "
@@ -821,9 +1098,12 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
     if fmt == "compact" and src.selection is None:
         raise ExportError("format compact needs a LoRA-drop run (this run trained plain LoRA: nothing is shared); "
                           "use --format peft")
-    base_dir = resolve_base_model(src, base_model) if (fmt == "merged" or base_model) else None
-    plan = _plan_merged(src, base_dir, max_shard_size) if fmt == "merged" else None
-    card = model_card(src, fmt, base_model_id)
+    if fmt == "pruned":
+        _prune_files(src)  # a run trained without pruning is refused before the base is read
+    base_dir = resolve_base_model(src, base_model) if (merges or base_model) else None
+    plan = _plan_merged(src, base_dir, max_shard_size) if merges else None
+    pruned = _plan_pruned(src, plan) if fmt == "pruned" else None
+    card = model_card(src, fmt, base_model_id, pruned)
 
     parent = out.parent if str(out.parent) else Path(".")
     created = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again if the export fails
@@ -839,7 +1119,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
         elif fmt == "compact":
             _write_compact(src, tmp)
         else:
-            _write_merged(plan, tmp)
+            _write_merged(plan, tmp, pruned)
         if src.importance_png is not None:
             shutil.copy2(src.importance_png, tmp / "importance.png")
         if src.selection is not None:

@@ -219,3 +219,23 @@ def test_bad_prune_setting_exits_2_in_one_line_and_writes_nothing(tiny_model, tm
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(lines) == 1 and "prune.every must be >= 1" in lines[0], proc.stderr[-2000:]
     assert not out.exists()
+
+
+def test_pruned_export_of_a_cli_run_reloads_to_its_logits_in_plain_transformers(prune_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    proc = run_python([str(REPO / "launch" / "export.py"), str(prune_run), "--out", str(out), "--format", "pruned"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    # Layers 0 and 3 are exempt (full width), so every layer is written at full width and
+    # layers 1 and 2 carry their pruned units as exact zeros (the uniform-per-layer scheme).
+    assert model.config.num_key_value_heads == KV_HEADS and model.config.intermediate_size == 128
+    probe = load_file(prune_run / "probe_logits.safetensors")
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    mask = probe["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=1e-4, atol=1e-4)
+    down = model.model.layers[1].mlp.down_proj.weight
+    masks = load_file(prune_run / "prune" / "masks.safetensors")
+    assert bool((down[:, ~masks["layers.1.mlp"].bool()] == 0).all())
