@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""LoRAPrune at 20% and 50% sparsity against the same LoRA training without pruning (issue 10).
+
+    .venv/bin/python bench/prune_bench.py [--steps 60] [--out bench/out/prune]
+
+The embedded default task (SmolLM2-135M-Instruct, WordNet definition -> category, 2 ranks,
+ZeRO-3) through the real CLI, plain LoRA r = 8 on all seven projections (loradrop.enabled=false,
+so only pruning differs), seed 1:
+
+* ``lora``: no pruning (the reference);
+* ``prune0.2``, ``prune0.5``: ``prune.target_sparsity`` 0.2 / 0.5 of each layer's KV groups and
+  MLP channels, every 5 steps, cubic from 10% to 70% of the steps (the last 30% are recovery
+  training at the final masks), no layer exempt (so the export is physically smaller).
+  SmolLM2-135M has 3 KV groups per layer: 20% of 3 rounds down to none, 50% to one.
+
+Each run is exported (``merged`` for the reference, ``pruned`` for the others) and the exports
+are timed in plain transformers on CPU in one process, alternated: forward passes of 8 x 128
+tokens, fp32, torch threads = 2. Reported: accuracy and eval loss after training (the masked
+model: the pruned one), base parameters, export size on disk, forward time and tokens/s, and the
+resident memory each model adds when loaded. Results: bench/results/prune.json. Resumable: a
+run whose summary.json exists is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "lora": [],
+    "prune0.2": ["prune.target_sparsity=0.2"],
+    "prune0.5": ["prune.target_sparsity=0.5"],
+}
+COMMON = ["loradrop.enabled=false", "seed=1",
+          "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+          "prune.every=5", "prune.end_fraction=0.7", "prune.exempt_first_fraction=0", "prune.exempt_last=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(name: str, out: Path, steps: int) -> dict:
+    run_dir = out / name
+    if not (run_dir / "summary.json").exists():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "launch/train.py", f"output_dir={run_dir}", "resume=auto", "overwrite=true", f"train.max_steps={steps}",
+               *COMMON, *CONFIGS[name]]
+        print("$", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        with open(out / f"{name}.log", "a") as log:
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
+        print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def export(name: str, out: Path) -> Path:
+    target = out / f"{name}-export"
+    if not (target / "config.json").exists():
+        fmt = "merged" if name == "lora" else "pruned"
+        subprocess.run([sys.executable, "launch/export.py", str(out / name), "--out", str(target), "--format", fmt],
+                       cwd=REPO, check=True, capture_output=True)
+    return target
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_models(exports: dict[str, Path], repeats: int, batches: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    results: dict = {}
+    for name, path in exports.items():
+        gc.collect()
+        before = rss_bytes()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        gc.collect()
+        vocab = model.config.vocab_size
+        results[name] = {"params": sum(p.numel() for p in model.parameters()),
+                         "loaded_rss_bytes": rss_bytes() - before,
+                         "export_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
+                         "config": {k: getattr(model.config, k) for k in
+                                    ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")},
+                         "seconds": []}
+        del model
+    inputs = [torch.randint(0, vocab, (8, 128), generator=gen) for _ in range(batches)]
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in exports.items()}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model(input_ids=inputs[0])
+        for _ in range(repeats):  # alternated, so drift hits every model alike
+            for name, model in models.items():
+                start = time.perf_counter()
+                for ids in inputs:
+                    model(input_ids=ids)
+                results[name]["seconds"].append(time.perf_counter() - start)
+    for r in results.values():
+        r["median_seconds"] = statistics.median(r["seconds"])
+        r["tokens_per_s"] = batches * 8 * 128 / r["median_seconds"]
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "prune")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prune.json")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=4)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"command": "python bench/prune_bench.py " + " ".join(sys.argv[1:]), "common": COMMON,
+                    "configs": CONFIGS, "runs": {}}
+    for name in CONFIGS:
+        summary = train(name, args.out, args.steps)
+        final = summary.get("final", {})
+        report["runs"][name] = {"eval_accuracy": final.get("eval_accuracy"), "eval_loss": final.get("eval_loss"),
+                                "zero_shot_accuracy": summary.get("zero_shot", {}).get("eval_accuracy"),
+                                "trainable_params": summary.get("trainable_params"), "prune": summary.get("prune")}
+    exports = {name: export(name, args.out) for name in CONFIGS}
+    timing = time_models(exports, args.repeats, args.batches)
+    for name, t in timing.items():
+        report["runs"][name]["inference"] = t
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2))
+    base = timing["lora"]
+    print(f"{'run':10} {'acc':>6} {'loss':>7} {'params':>11} {'export MB':>9} {'s/4 batches':>11} {'speed':>6}")
+    for name, r in report["runs"].items():
+        t = r["inference"]
+        print(f"{name:10} {r['eval_accuracy']:6.1%} {r['eval_loss']:7.4f} {t['params']:11,} "
+              f"{t['export_bytes'] / 1e6:9.1f} {t['median_seconds']:11.3f} {base['median_seconds'] / t['median_seconds']:5.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
