@@ -17,7 +17,9 @@ once per (config, seed). Configs (dotted overrides on top of the default recipe)
   gain on the shared LoRA (``none`` is the default, i.e. the rows ``T0.9`` and ``budget0.5``);
 * ``T0.9_random``, ``T0.9_bottom``: random / least-output layers, as many as output_norm keeps at T;
 * ``T0.9_kept_only``: unselected layers carry no adapter (loradrop.train_shared=false);
-* ``T0.9_param_norm``, ``T0.9_grad_norm``: other importance measures, same count.
+* ``T0.9_param_norm``, ``T0.9_grad_norm``: other importance measures, same count;
+* ``allora``, ``allora_T0.9``: ALLoRA (lora.variant=allora, no dropout, alpha = r, lr x eta)
+  in every layer and with LoRA-drop at T = 0.9, against ``plain`` and ``T0.9``.
 
 Zero-shot (the base model) needs no run: every summary.json holds ``zero_shot``, measured
 before training; the report gives it once and flags it if it differs between runs.
@@ -35,7 +37,7 @@ ranks of the killed attempt running: before a run starts, processes whose comman
 its exact ``output_dir=`` are stopped (SIGTERM, then SIGKILL). Ctrl-C or SIGTERM to this
 script stops torchrun cleanly (it stops its ranks). One instance per --out (a lock file).
 
-Size: 14 configs x 3 seeds = 42 runs. At the defaults (--steps 50, the recipe's; all 320 eval
+Size: 16 configs x 3 seeds = 48 runs. At the defaults (--steps 50, the recipe's; all 320 eval
 examples; 10 sampling steps) a run takes about 3.5 min on the project's 2-core CPU machine
 (bench/RESULTS.md), so the grid takes about 2.5 h when nothing else runs.
 
@@ -63,6 +65,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 # name -> (overrides, short description). Order: the table's order.
+ALLORA = ["lora.variant=allora", "lora.dropout=0", "lora.alpha=8", "train.lr=0.002"]
 CONFIGS: dict[str, tuple[list[str], str]] = {
     "plain": (["loradrop.enabled=false"], "plain LoRA (all layers)"),
     "T0.8": (["loradrop.threshold=0.8"], "LoRA-drop T=0.8"),
@@ -80,6 +83,10 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "T0.9_kept_only": (["loradrop.threshold=0.9", "loradrop.train_shared=false"], "T=0.9 kept only (no shared LoRA)"),
     "T0.9_param_norm": (["loradrop.threshold=0.9", "loradrop.selection=param_norm"], "param-norm, size of T=0.9"),
     "T0.9_grad_norm": (["loradrop.threshold=0.9", "loradrop.selection=grad_norm"], "grad-norm, size of T=0.9"),
+    # ALLoRA (issue 10): no dropout, no alpha/r scaling (alpha = r), and the paper's learning
+    # rate rule, base lr x eta = 1e-3 x 2.
+    "allora": (["loradrop.enabled=false", *ALLORA], "ALLoRA, all layers (lr 2e-3 = 1e-3 x eta)"),
+    "allora_T0.9": (["loradrop.threshold=0.9", *ALLORA], "ALLoRA with LoRA-drop T=0.9"),
 }
 DEFAULT_SEEDS = [1, 2, 3]
 DEFAULT_STEPS = 50  # the recipe's train.max_steps
@@ -379,7 +386,8 @@ def plot(results: dict, path: Path, expected_seeds: int | None = None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 6))
     families = {"plain": ("black", "s"), "T0.": ("tab:blue", "o"), "budget": ("tab:orange", "D"),
                 "_scale_": ("tab:purple", "^"), "_random": ("tab:gray", "x"), "_bottom": ("tab:brown", "v"),
-                "_kept_only": ("tab:red", "P"), "_param_norm": ("tab:green", "<"), "_grad_norm": ("tab:olive", ">")}
+                "_kept_only": ("tab:red", "P"), "_param_norm": ("tab:green", "<"), "_grad_norm": ("tab:olive", ">"),
+                "allora": ("tab:pink", "h")}
 
     def style(config: str) -> tuple[str, str]:
         chosen = ("tab:cyan", "*")
