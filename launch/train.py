@@ -455,9 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
     if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.pruning)
-        resumed_main = resumed is not None and resumed.stage == "main"
+        state = None
+        if resumed is not None and resumed.stage == "main":
+            state = load_state(run.resume_path)
+            if state is None:  # pruning would restart from nothing in the middle of the schedule
+                raise ckpt.CheckpointError(f"{run.resume_path} holds no prune/state.safetensors although "
+                                           "prune.target_sparsity > 0; resume from a checkpoint this run wrote")
         run.pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
-                            main_steps, info.device, state=load_state(run.resume_path) if resumed_main else None)
+                            main_steps, info.device, state=state)
         if info.is_main:
             log.info("LoRAPrune: target sparsity %.2f, score and mask updates after steps %s, exempt layers %s",
                      cfg.prune.target_sparsity, run.pruner.steps, run.pruner.exempt)

@@ -469,6 +469,10 @@ def validate(cfg: Config) -> None:
                "up_proj, down_proj to lora.target_modules, or set prune.channels=false")
         _check(lora.variant == "lora", "prune.target_sparsity > 0 with lora.variant=allora is not supported: ALLoRA "
                                        "rescales the gradients LoRAPrune scores with; use lora.variant=lora")
+        _check(not drop.enabled or drop.shared_scale == "none",
+               f"prune.target_sparsity > 0 with loradrop.shared_scale={drop.shared_scale} is not supported: the "
+               "per-use gains sit between A and B, and the scores read A, B and their gradients without them; set "
+               "loradrop.shared_scale=none")
         _check(not drop.enabled or drop.train_shared,
                "prune.target_sparsity > 0 scores every layer from its LoRA's gradients, and loradrop.train_shared=false "
                "freezes the shared LoRA: set loradrop.train_shared=true")

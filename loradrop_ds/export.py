@@ -897,6 +897,15 @@ def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
             units.append(kept)
         kept_sets.append((units[0], units[1]))
     width_g = max(len(g) for g, _ in kept_sets)
+    # transformers' LlamaConfig refuses a hidden_size that num_attention_heads does not divide,
+    # even with head_dim given (validate_architecture, 5.24); e.g. 6 kept groups of 4 heads on
+    # hidden 4096. Widen to the next group count it accepts: more zero-padded groups, same output.
+    hidden = int(config["hidden_size"])
+    while hidden % (width_g * n_rep) != 0 and width_g < kv:
+        width_g += 1
+    if width_g > max(len(g) for g, _ in kept_sets):
+        log.info("pruned export: %d KV groups kept at most, written as %d so that hidden_size %d divides by the "
+                 "query heads (%d)", max(len(g) for g, _ in kept_sets), width_g, hidden, width_g * n_rep)
     width_c = max(len(c) for _, c in kept_sets)
 
     def chosen(kept: list[int], n: int, width: int) -> tuple[list[int], set[int]]:

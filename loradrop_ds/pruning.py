@@ -7,8 +7,10 @@ What runs where:
   gradient, ``dL/dW = g^T x`` at the Linear's output and input, per (layer, module) use.
   ``.grad`` cannot be read instead: under ZeRO-3 it is reduce-scattered (and, for a LoRA
   shared by many layers, summed over its uses) before anything could see it. The same
-  hooks copy A and B as the forward saw them, i.e. before the optimizer step, which is the
-  authors' order (scores after clipping, before the step). ``engine.backward`` has already
+  hooks copy A and B as the forward saw them, i.e. before the optimizer step, as the authors
+  do. The gradients are the unclipped ones (the authors score after clipping; with the
+  default max_grad_norm of 1 that differs only in steps whose norm exceeds it, and then by a
+  common factor c on G's first two terms and c^2 on dB dA). ``engine.backward`` has already
   divided the loss by grad_accum, so the sum over micro-batches, all-reduced and divided by
   the world size, is the step's gradient exactly as DeepSpeed averages it.
 * **The frozen weight W** is gathered once per score update, one module at a time

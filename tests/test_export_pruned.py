@@ -376,3 +376,54 @@ def test_cli_bad_prune_input_is_one_line_and_writes_nothing(case, base_dir, tmp_
         assert word in lines[0], lines[0]
     assert not (tmp_path / "new").exists()
     assert _tree(tmp_path) == before
+
+
+def test_kept_heads_that_do_not_divide_hidden_are_widened_with_zero_groups(tokenizer_dir, tmp_path):
+    """transformers refuses num_attention_heads that do not divide hidden_size. MHA with
+    hidden 40 and 5 heads of 8: keeping 3 heads per layer must be written as 4 (one zero
+    group) and still give the masked model's logits."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    hidden, heads, inter, layers, kept_heads = 40, 5, 48, 2, [0, 2, 3]
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter,
+                                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                 max_position_embeddings=64, tie_word_embeddings=False)).save_pretrained(base)
+    tok.save_pretrained(base)
+    run = tmp_path / "run"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape) * 0.1)
+    model.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(base)}, "lora": {
+        "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": TARGETS}, "prune": {"target_sparsity": 0.4}}))
+    (run / "prune").mkdir()
+    attn = torch.zeros(heads, dtype=torch.uint8)
+    attn[kept_heads] = 1
+    save_file({f"layers.{i}.{k}": v.clone() for i in range(layers)
+               for k, v in (("attn", attn), ("mlp", torch.ones(inter, dtype=torch.uint8)))},
+              run / "prune" / "masks.safetensors")
+    (run / "prune" / "prune.json").write_text(json.dumps({
+        "exempt_layers": [], "target_sparsity": 0.4, "num_attention_heads": heads, "num_key_value_heads": heads,
+        "head_dim": 8, "intermediate_size": inter}))
+    out = export(run, tmp_path / "pruned", "pruned")
+    pruned = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert pruned.config.num_attention_heads == pruned.config.num_key_value_heads == 4
+    assert hidden % pruned.config.num_attention_heads == 0
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                          run / "adapter").merge_and_unload().eval()
+    keep = torch.zeros(hidden)
+    for h in kept_heads:
+        keep[h * 8:(h + 1) * 8] = 1
+    for layer in reference.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: (args[0] * keep,))
+    ids = torch.randint(3, len(tok), (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

@@ -206,6 +206,8 @@ def test_update_steps_by_hand():
      "set loradrop.train_shared=true"),
     (["prune.target_sparsity=0.5", "prune.channels=false", "lora.variant=allora", "lora.dropout=0", "lora.alpha=8"],
      "use lora.variant=lora"),
+    (["prune.target_sparsity=0.5", "prune.channels=false", "loradrop.shared_scale=vector"],
+     "set loradrop.shared_scale=none"),
 ])
 def test_bad_prune_settings_are_refused_with_the_fix(overrides, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
