@@ -77,10 +77,13 @@ def brute_force_scores(uses: dict, scaling: float) -> dict:
     return out
 
 
-def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, tmp_path):
+@pytest.mark.parametrize("mode", ["", "checkpointing"])
+def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, tmp_path, mode):
+    """With activation checkpointing the recomputed forwards must neither add gradients twice
+    nor lose the saved inputs."""
     from loradrop_ds.model import load_tokenizer
 
-    run_ranks(REPO / "tests" / "workers" / "prune_step.py", [str(tiny_model), str(tmp_path)])
+    run_ranks(REPO / "tests" / "workers" / "prune_step.py", [str(tiny_model), str(tmp_path), mode])
     before = load_file(tmp_path / "before.safetensors")
     # The worker tied layers 0 and 2 (saved once, under layer 0's names).
     lora = dict(before)

@@ -1,7 +1,7 @@
 """One 2-rank ZeRO-3 step of LoRAPrune's scoring on the tiny GQA model (LoRA on all seven
 projections; layers 1 and 3 keep their LoRA, layers 0 and 2 share one), then one update.
 
-torchrun --nproc_per_node 2 tests/workers/prune_step.py MODEL_DIR OUT_DIR
+torchrun --nproc_per_node 2 tests/workers/prune_step.py MODEL_DIR OUT_DIR [checkpointing]
 Rank 0 writes the LoRA weights before the step (a shared LoRA once, under layer 0's names);
 every rank writes its PruneState after the update (state_rank{R}.safetensors)."""
 
@@ -28,9 +28,9 @@ PRUNE = ["train.micro_batch_size=2", ALL_MODULES, "prune.target_sparsity=0.5", "
 TOTAL_STEPS = 2
 
 
-def main(model_dir: str, out_dir: str) -> None:
+def main(model_dir: str, out_dir: str, mode: str = "") -> None:
     info = distributed.init_distributed()
-    cfg = tiny_config(model_dir, *PRUNE)
+    cfg = tiny_config(model_dir, *PRUNE, *(["model.gradient_checkpointing=true"] if mode == "checkpointing" else []))
     ds_config = ds_config_for(cfg, info.world_size)  # zero3_tiny.json: every weight partitioned
     model, _hf = load_model(cfg.model, ds_config, "cpu")
     model = add_lora(model, cfg.lora, cfg.seed)
@@ -54,4 +54,4 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
