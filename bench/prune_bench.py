@@ -15,18 +15,17 @@ so only pruning differs), seed 1:
 
 Each run is exported (``merged`` for the reference, ``pruned`` for the others) and the exports
 are timed in plain transformers on CPU in one process, alternated: forward passes of 8 x 128
-tokens, fp32, torch threads = 2. Reported: accuracy and eval loss after training (the masked
-model: the pruned one), base parameters, export size on disk, forward time and tokens/s, and the
-resident memory each model adds when loaded. Results: bench/results/prune.json. Resumable: a
+tokens, fp32, torch threads = 2 (run it on an otherwise idle machine: the timing shares the
+cores). Reported: accuracy and eval loss after training (the masked model: the pruned one),
+parameters, export size on disk, forward time and tokens/s, and the peak resident memory of a
+fresh process that loads the model and runs one forward. Results: bench/results/prune.json. Resumable: a
 run whose summary.json exists is not run again.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import socket
 import statistics
 import subprocess
@@ -74,9 +73,24 @@ def export(name: str, out: Path) -> Path:
     return target
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+PEAK_RSS_SNIPPET = """
+import resource, sys, torch
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(2)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad():
+    model(input_ids=torch.randint(0, model.config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0)))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss_bytes(path: Path) -> int:
+    """Peak resident memory of a fresh process that loads the model and runs one forward of
+    8 x 128 tokens (the same interpreter and imports for every model, so differences are the
+    model's)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SNIPPET, str(path)], capture_output=True, text=True,
+                          check=True)
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def time_models(exports: dict[str, Path], repeats: int, batches: int) -> dict:
@@ -87,13 +101,10 @@ def time_models(exports: dict[str, Path], repeats: int, batches: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     results: dict = {}
     for name, path in exports.items():
-        gc.collect()
-        before = rss_bytes()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        gc.collect()
         vocab = model.config.vocab_size
         results[name] = {"params": sum(p.numel() for p in model.parameters()),
-                         "loaded_rss_bytes": rss_bytes() - before,
+                         "peak_rss_bytes": peak_rss_bytes(path),
                          "export_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors")),
                          "config": {k: getattr(model.config, k) for k in
                                     ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")},
@@ -141,11 +152,13 @@ def main() -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=2))
     base = timing["lora"]
-    print(f"{'run':10} {'acc':>6} {'loss':>7} {'params':>11} {'export MB':>9} {'s/4 batches':>11} {'speed':>6}")
+    print(f"{'run':10} {'acc':>6} {'loss':>7} {'params':>11} {'export MB':>9} {'peak RSS MB':>11} {'s/batches':>9} "
+          f"{'speed':>6}")
     for name, r in report["runs"].items():
         t = r["inference"]
         print(f"{name:10} {r['eval_accuracy']:6.1%} {r['eval_loss']:7.4f} {t['params']:11,} "
-              f"{t['export_bytes'] / 1e6:9.1f} {t['median_seconds']:11.3f} {base['median_seconds'] / t['median_seconds']:5.2f}x")
+              f"{t['export_bytes'] / 1e6:9.1f} {t['peak_rss_bytes'] / 2**20:11.0f} {t['median_seconds']:9.3f} "
+              f"{base['median_seconds'] / t['median_seconds']:5.2f}x")
     return 0
 
 
