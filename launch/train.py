@@ -507,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                      "%s base parameters removed", min(run.results["prune"]["kept_groups"]), run.pruner.shape.num_kv_heads,
                      min(run.results["prune"]["kept_channels"]), run.pruner.shape.intermediate, run.pruner.exempt,
                      format_count(run.results["prune"]["base_params_removed"]))
+            if run.pruner.exempt:
+                log.info("LoRAPrune: exempt layers keep full width, and `launch/export.py --format pruned` writes every "
+                         "layer at the widest layer's width: the exported model is no smaller (README: Export)")
     probe: dict | None = {} if cfg.train.save_probe_logits else None
     run.results["final"] = run.evaluate(engine, "final eval", probe=probe)  # masks applied: the pruned model
     run.logger.log({"stage": "eval", **run.results["final"]}, step=main_steps)
