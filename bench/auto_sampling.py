@@ -3,6 +3,7 @@
 ``loradrop.sampling_steps=auto``.
 
     .venv/bin/python bench/auto_sampling.py [--fixed-steps 40] [--seeds 1 2 3] [--out DIR]
+        [--override loradrop.param_budget=0.5 ...]   (settings added to every run)
 
 For each seed, two runs of the embedded default (SmolLM2-135M-Instruct, WordNet task, 2
 ranks, ZeRO-3) through the real CLI, both with the default checks (every
@@ -78,18 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=HERE / "bench" / "out" / "auto_sampling")
     parser.add_argument("--results", type=Path, default=HERE / "bench" / "results" / "auto_sampling.json")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting added to every run, e.g. loradrop.param_budget=0.5 (repeatable)")
     args = parser.parse_args(argv)
     rows = []
     for seed in args.seeds:
         fixed = run(args.out / f"fixed{args.fixed_steps}_seed{seed}",
-                    [f"seed={seed}", f"loradrop.sampling_steps={args.fixed_steps}"])
-        auto = run(args.out / f"auto_seed{seed}", [f"seed={seed}", "loradrop.sampling_steps=auto"])
+                    [f"seed={seed}", f"loradrop.sampling_steps={args.fixed_steps}", *args.override])
+        auto = run(args.out / f"auto_seed{seed}", [f"seed={seed}", "loradrop.sampling_steps=auto", *args.override])
         rows.append({"seed": seed, "fixed": fixed, "auto": auto, "same_selection": auto["kept"] == fixed["kept"],
                      "fixed_stable_from": stable_from(fixed["history"], fixed["kept"])})
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"command": shlex.join(["python", "bench/auto_sampling.py",
                                                                *(argv if argv is not None else sys.argv[1:])]),
-                                        "fixed_steps": args.fixed_steps, "runs": rows}, indent=2))
+                                        "fixed_steps": args.fixed_steps, "overrides": args.override, "runs": rows},
+                                       indent=2))
     print(f"\n| seed | auto stopped at (settled?) | kept by auto | kept by fixed {args.fixed_steps} | same | "
           "fixed run's selection final from step | fixed run: kept layers at each check | "
           "fixed run: rank corr. with its final scores at steps 2 / 10 / 20 |")

@@ -266,7 +266,8 @@ def test_twins_keep_the_structure_of_the_real_models(twins):
     # By hand, so a change to twin_architecture is seen: (heads, KV heads, hidden, MLP).
     dims = {name: (c.num_attention_heads, c.num_key_value_heads, c.hidden_size, c.intermediate_size)
             for name, c in ((n, AutoConfig.from_pretrained(t["model"])) for n, t in twins.items())}
-    assert dims == {"default": (3, 1, 48, 128), "smollm2_plain_lora": (3, 1, 48, 128), "smollm2_loraprune": (3, 1, 48, 128),
+    assert dims == {"default": (3, 1, 48, 128), "smollm2_plain_lora": (3, 1, 48, 128),
+                    "smollm2_loraprune": (3, 1, 48, 128), "smollm2_allora": (3, 1, 48, 128),
                     "llama2_7b_loradrop": (4, 4, 64, 172), "llama3_70b_loradrop": (8, 1, 128, 448)}
 
 
