@@ -41,6 +41,7 @@ def main(model_dir: str, out_dir: str, mode: str = "") -> None:
                     TOTAL_STEPS, info.device)
     engine = create_engine(model, ds_config, lr=1e-3, weight_decay=0.0, lr_factor=lr_lambda("constant", 0, 1, 1.0))
     batch = rank_batches(cfg, load_tokenizer(model_dir), per_rank=2, world=info.world_size)[info.rank]
+    engine.train()  # from_pretrained leaves eval mode, where transformers skips activation checkpointing
     pruner.begin_step(1)
     with pruner.recording(torch.ones_like(batch["input_ids"])):
         out = engine(**batch)
