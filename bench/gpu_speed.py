@@ -30,6 +30,7 @@ import argparse
 import importlib.util
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -38,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_smoke import TINY_WIDTHS, cli, main_stage_numbers, make_data, make_model  # noqa: E402
+from gpu_smoke import TINY_WIDTHS, cli, free_port, main_stage_numbers, make_data, make_model  # noqa: E402
 
 LLAMA2_7B_WIDTHS = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
                     "num_key_value_heads": 32, "vocab_size": 32000, "num_hidden_layers": 32}
@@ -75,6 +76,10 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="a tiny model on any device (checks the script)")
+    parser.add_argument("--runs", nargs="+", default=["plain", "drop_budget0.5"],
+                        choices=["plain", "drop_budget0.5", "hf_trainer"],
+                        help="runs in this order; a name given again is a repeat (alternate them: plain hf_trainer "
+                             "plain hf_trainer). hf_trainer: bench/hf_trainer_lora.py on plain's settings")
     args = parser.parse_args()
     import torch
 
@@ -119,14 +124,24 @@ def main() -> int:
     if args.tiny:
         common.append("deepspeed=ds_configs/zero3_tiny.json")
     runs = {"plain": ["loradrop.enabled=false"],
-            "drop_budget0.5": ["loradrop.sampling_steps=2", "loradrop.sample_ratio=0.1", "loradrop.param_budget=0.5"]}
-    for run, extra in runs.items():
-        out_dir = args.work / run
-        code, log, secs = cli([*common, *extra, f"output_dir={out_dir}"], timeout=600)
-        entry: dict = {"exit": code, "wall_s": secs}
-        if code != 0:
-            entry["log_tail"] = log[-3000:]
+            "drop_budget0.5": ["loradrop.sampling_steps=2", "loradrop.sample_ratio=0.1", "loradrop.param_budget=0.5"],
+            "hf_trainer": ["loradrop.enabled=false"]}
+    for i, run in enumerate(args.runs):
+        repeat = args.runs[:i].count(run)
+        key = run if repeat == 0 else f"{run}#{repeat + 1}"
+        out_dir = args.work / key
+        if run == "hf_trainer":
+            entry = hf_trainer_run(common + runs[run], out_dir, args.steps)
         else:
+            code, log, secs = cli([*common, *runs[run], f"output_dir={out_dir}"], timeout=600)
+            entry = {"exit": code, "wall_s": secs}
+            if code != 0:
+                entry["log_tail"] = log[-3000:]
+        if entry["exit"] == 0 and run == "hf_trainer":
+            entry["tokens_per_s_per_gpu"] = entry.pop("tokens_per_s_per_rank")
+            if report["peak_flops"]:
+                entry["mfu"] = entry["tokens_per_s_per_gpu"] * report["flops_per_token"] / report["peak_flops"]
+        elif entry["exit"] == 0:
             entry.update(main_stage_numbers(out_dir))
             summary = json.loads((out_dir / "summary.json").read_text())
             entry.update({k: summary.get(k) for k in ("trainable_params", "plain_lora_params", "kept_layers",
@@ -134,14 +149,45 @@ def main() -> int:
             entry["tokens_per_s_per_gpu"] = entry.pop("tokens_per_s")
             if report["peak_flops"]:
                 entry["mfu"] = entry["tokens_per_s_per_gpu"] * report["flops_per_token"] / report["peak_flops"]
-        report[run] = entry
+        report[key] = entry
         save()
-        print(json.dumps({run: {k: v for k, v in entry.items() if k != "losses"}}), flush=True)
-    if report["plain"].get("exit") == 0 and report["drop_budget0.5"].get("exit") == 0:
-        report["drop_main_speed_vs_plain"] = report["plain"]["median_step_s"] / report["drop_budget0.5"]["median_step_s"]
+        print(json.dumps({key: {k: v for k, v in entry.items() if k not in ("losses", "step_s")}}), flush=True)
+    # Median over the repeats of each run's median step time.
+    medians = {run: statistics.median(report[k]["median_step_s"] for k in report
+                                      if k.split("#")[0] == run and isinstance(report[k], dict)
+                                      and report[k].get("exit") == 0)
+               for run in set(args.runs) if any(report[k].get("exit") == 0 for k in report
+                                                 if k.split("#")[0] == run and isinstance(report[k], dict))}
+    report["median_step_s_over_repeats"] = medians
+    if "plain" in medians and "drop_budget0.5" in medians:
+        report["drop_main_speed_vs_plain"] = medians["plain"] / medians["drop_budget0.5"]
+    if "plain" in medians and "hf_trainer" in medians:
+        report["cli_plain_speed_vs_hf_trainer"] = medians["hf_trainer"] / medians["plain"]
     save()
-    print(json.dumps({k: v for k, v in report.items() if k not in runs}, indent=2))
-    return 0 if all(report[r].get("exit") == 0 for r in runs) else 1
+    print(json.dumps({k: v for k, v in report.items() if k.split("#")[0] not in runs}, indent=2))
+    keys = [k for k in report if k.split("#")[0] in runs]
+    return 0 if all(report[k].get("exit") == 0 for k in keys) else 1
+
+
+def hf_trainer_run(overrides: list[str], out_dir: Path, steps: int) -> dict:
+    """bench/hf_trainer_lora.py (transformers.Trainer + peft + the CLI's resolved ZeRO-3 config)
+    on the same overrides. Median step time after 2 warm-up steps, as for the CLI runs
+    (main_stage_numbers); tokens/s is the script's own, over the second half of the steps."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+           "bench/hf_trainer_lora.py", "--out", str(out_dir / "result.json"), "--steps", str(steps),
+           *[o for o in overrides if not o.startswith("train.max_steps")]]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    entry: dict = {"exit": proc.returncode, "wall_s": time.perf_counter() - start}
+    if proc.returncode != 0:
+        entry["log_tail"] = (proc.stdout + proc.stderr)[-3000:]
+        return entry
+    hf = json.loads((out_dir / "result.json").read_text())
+    entry.update({k: hf[k] for k in ("median_step_s", "tokens_per_s_per_rank", "peak_memory_gib", "trainable_params",
+                                     "losses", "step_s")})
+    entry["median_step_s"] = statistics.median(hf["step_s"][2:] or hf["step_s"])
+    return entry
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ bench/speed.py):
   lr / warmup_steps, then ``train.lr_schedule`` over ``--steps``; the Trainer's
   ``create_scheduler`` is overridden, since transformers' warmup starts at lr 0), clipping
   ``train.max_grad_norm``, micro-batch ``train.micro_batch_size``, ``train.grad_accum``,
-  fp32, loss logged every step (an all-reduce per step, like the CLI's);
+  fp32 (bf16 when model.dtype=bfloat16, as on the GPU), loss logged every step (an all-reduce per step, like the CLI's);
 * process group: ``loradrop_ds.distributed.init_distributed`` (gloo on CPU), before the
   Trainer's accelerate state joins it. It skips DeepSpeed's CPU shared-memory op build,
   about 40 s of g++ at start-up that a stock Trainer run on CPU pays (not in step time).
@@ -89,7 +89,7 @@ def main() -> None:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=t.max_grad_norm,
         lr_scheduler_type="cosine", warmup_steps=t.warmup_steps, optim="adamw_torch",  # schedule: see below
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed,
-        deepspeed=ds_config, use_cpu=info.device.type == "cpu", bf16=False, fp16=False,
+        deepspeed=ds_config, use_cpu=info.device.type == "cpu", bf16=cfg.model.dtype == "bfloat16", fp16=False,
         disable_tqdm=not info.is_main, dataloader_num_workers=0, remove_unused_columns=False,
     )
     # After TrainingArguments: transformers now sees ZeRO-3 and loads inside zero.Init.

@@ -19,7 +19,8 @@ once per (config, seed). Configs (dotted overrides on top of the default recipe)
 * ``T0.9_kept_only``: unselected layers carry no adapter (loradrop.train_shared=false);
 * ``T0.9_param_norm``, ``T0.9_grad_norm``: other importance measures, same count;
 * ``allora``, ``allora_T0.9``: ALLoRA (lora.variant=allora, no dropout, alpha = r, lr x eta)
-  in every layer and with LoRA-drop at T = 0.9, against ``plain`` and ``T0.9``.
+  in every layer and with LoRA-drop at T = 0.9, against ``plain`` and ``T0.9``;
+* ``allora_control``: plain LoRA with ALLoRA's dropout, alpha and lr but no gradient rescaling.
 
 Zero-shot (the base model) needs no run: every summary.json holds ``zero_shot``, measured
 before training; the report gives it once and flags it if it differs between runs.
@@ -37,7 +38,7 @@ ranks of the killed attempt running: before a run starts, processes whose comman
 its exact ``output_dir=`` are stopped (SIGTERM, then SIGKILL). Ctrl-C or SIGTERM to this
 script stops torchrun cleanly (it stops its ranks). One instance per --out (a lock file).
 
-Size: 16 configs x 3 seeds = 48 runs. At the defaults (--steps 50, the recipe's; all 320 eval
+Size: 17 configs x 3 seeds = 51 runs. At the defaults (--steps 50, the recipe's; all 320 eval
 examples; 10 sampling steps) a run takes about 3.5 min on the project's 2-core CPU machine
 (bench/RESULTS.md), so the grid takes about 2.5 h when nothing else runs.
 
@@ -87,6 +88,10 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     # rate rule, base lr x eta = 1e-3 x 2.
     "allora": (["loradrop.enabled=false", *ALLORA], "ALLoRA, all layers (lr 2e-3 = 1e-3 x eta)"),
     "allora_T0.9": (["loradrop.threshold=0.9", *ALLORA], "ALLoRA with LoRA-drop T=0.9"),
+    # The control for ``allora``: every ALLoRA setting (no dropout, alpha = r, lr 2e-3) except the
+    # gradient rescaling, so allora - allora_control is the rescaling's own effect.
+    "allora_control": (["loradrop.enabled=false", *[o for o in ALLORA if not o.startswith("lora.variant")]],
+                       "LoRA with ALLoRA's settings, no rescaling (control)"),
 }
 DEFAULT_SEEDS = [1, 2, 3]
 DEFAULT_STEPS = 50  # the recipe's train.max_steps
