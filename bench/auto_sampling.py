@@ -18,6 +18,14 @@ fixed stage's final selection, the first check from which the fixed run's select
 changed again, and the rank correlation of each check's scores with the final ones.
 Target (issue 9): the same selection as the long fixed stage in at most half its steps.
 Results: bench/results/auto_sampling.json and a Markdown table on stdout.
+
+    .venv/bin/python bench/auto_sampling.py --replay 3 4 5 6 [--results FILE]
+
+replays the stopping rule (``loradrop_ds.importance.selection_settled``, the function the CLI
+calls) with other ``auto_patience`` values on the fixed runs' recorded checks, without
+training: an auto run sees the same data in the same order, so its checks are the fixed run's
+first checks (the replay at the patience the auto runs used must reproduce their stop steps;
+it says so). A rule that has not settled by the fixed run's last check is reported as such.
 """
 
 from __future__ import annotations
@@ -73,6 +81,33 @@ def stable_from(history: list[dict], final: list[str]) -> int | None:
     return step
 
 
+def replay(results: dict, patiences: list[int]) -> None:
+    """The auto rule at each patience on the fixed runs' checks (every auto_check_every = 2 steps)."""
+    from loradrop_ds.importance import selection_settled
+
+    runs = results["runs"]
+    print(f"replayed on {results['command']}\n")
+    print("| patience | " + " | ".join(f"seed {r['seed']}: stop step, same as fixed {results['fixed_steps']}"
+                                       for r in runs) + " | all same, by half the steps? |")
+    print("|---|" + "---|" * len(runs) + "---|")
+    for patience in patiences:
+        cells, ok = [], True
+        for r in runs:
+            kept = [h["kept"] for h in r["fixed"]["history"] if h["kept"] is not None]
+            steps = [h["step"] for h in r["fixed"]["history"] if h["kept"] is not None]
+            stop = next((i for i in range(len(kept)) if selection_settled(kept[:i + 1], patience)), None)
+            if stop is None:
+                cells.append(f"not settled by {steps[-1]}")
+                ok = False
+                continue
+            same = sorted(kept[stop], key=int) == r["fixed"]["kept"]
+            ok = ok and same and steps[stop] <= results["fixed_steps"] // 2
+            real = r["auto"]["sampling_steps"] if patience == 3 else None
+            check = "" if real is None else (" (= the auto run)" if real == steps[stop] else f" (auto run: {real}!)")
+            cells.append(f"{steps[stop]}, {'yes' if same else 'no'}{check}")
+        print(f"| {patience} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixed-steps", type=int, default=40)
@@ -81,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=HERE / "bench" / "results" / "auto_sampling.json")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting added to every run, e.g. loradrop.param_budget=0.5 (repeatable)")
+    parser.add_argument("--replay", type=int, nargs="+", metavar="PATIENCE",
+                        help="only replay the stopping rule at these auto_patience values on --results")
     args = parser.parse_args(argv)
+    if args.replay:
+        replay(json.loads(args.results.read_text()), args.replay)
+        return
     rows = []
     for seed in args.seeds:
         fixed = run(args.out / f"fixed{args.fixed_steps}_seed{seed}",
