@@ -624,7 +624,8 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
             return None
         selection = select(stats)
         final_scores = selection.scores or selection.raw_sums
-        selection.history = [{"step": h["step"], "kept": h["kept"],
+        # Each check's scores too, so that other stopping rules can be replayed from selection.json.
+        selection.history = [{"step": h["step"], "kept": h["kept"], "scores": h["scores"],
                               "rank_correlation": rank_correlation(h["scores"], final_scores) if h["scores"] else None}
                              for h in history]
         return selection

@@ -92,8 +92,8 @@ class Selection:
     scores: Optional[list[float]] = None  # param_norm / grad_norm: the per-item score ranked instead of raw_sums
     param_budget: Optional[float] = None  # the budget the kept items were chosen to fit, if any
     trainable_params: Optional[int] = None  # of the main stage's structure (kept + shared once + gains)
-    # sampling_steps=auto: one entry per check, {"step", "kept", "rank_correlation"} (Spearman
-    # correlation of that check's scores with the final ones).
+    # sampling_steps=auto: one entry per check, {"step", "kept", "scores" (per item, what that
+    # check ranked), "rank_correlation"} (Spearman correlation of those scores with the final ones).
     history: list[dict] = field(default_factory=list)
 
     @property

@@ -41,6 +41,10 @@ def test_auto_sampling_stops_at_the_first_settled_check(auto_run):
     first = next(step for i, (step, k) in enumerate(kept) if i >= 2 and kept[i - 1][1] == k == kept[i - 2][1])
     assert first == steps and sorted(selection["kept"]) == kept[-1][1]
     assert history[-1]["rank_correlation"] == pytest.approx(1.0)
+    # Each check's scores are kept (to replay other stopping rules); the last check is the final selection's.
+    assert all(len(h["scores"]) == len(selection["items"]) for h in history[1:])
+    assert history[-1]["scores"] == pytest.approx(selection["raw_sums"])
+    assert history[1]["scores"] != history[-1]["scores"]
     assert (auto_run / "selection_history.png").stat().st_size > 0
     # Every rank stopped at that step: each wrote its part of the stage's last checkpoint there.
     last = auto_run / "checkpoints" / f"sampling-step{steps:07d}"
