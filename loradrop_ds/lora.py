@@ -66,6 +66,29 @@ def lora_layers(model: nn.Module, module_names: list[str]) -> dict[tuple[int, st
     return found
 
 
+class _GradNormTap(torch.autograd.Function):
+    """Identity on a LoRA Linear's output whose backward adds the squared norm of that
+    Linear's weight gradient for this micro-batch, ``||g^T x||^2``, to the recorder. ``x`` is
+    kept with ``save_for_backward``, so autograd owns it: without checkpointing it is the
+    tensor the Linear saved anyway, and under non-reentrant activation checkpointing it is
+    dropped after the forward and recomputed like every other saved tensor. (A closure that
+    held ``x`` until the backward would keep every LoRA input of the step alive: about 90 GB
+    per GPU on the 70B recipe; loradrop_ds.pruning._GradTap does the same for LoRAPrune.)"""
+
+    @staticmethod
+    def forward(ctx, output, x, recorder, key):
+        ctx.save_for_backward(x)
+        ctx.recorder, ctx.key = recorder, key
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        # Sum over tokens of grad_out (outer) input; padding positions carry no loss, so no gradient.
+        ctx.recorder._add_grad_sq(ctx.key, torch.einsum("...o,...i->oi", grad_out.float(), x.float()))
+        return grad_out, None, None, None
+
+
 class ImportanceRecorder:
     """Forward hooks that add up ``||scaling * B(A(x))||^2`` per (layer, module).
 
@@ -77,12 +100,14 @@ class ImportanceRecorder:
 
     With ``record_grads`` (the ``grad_norm`` baseline) it also adds, per micro-batch, the
     squared Frobenius norm of the LoRA weights' gradient, ``||dL/dA||^2 + ||dL/dB||^2``,
-    to ``stats.grad_sq_sums``. The gradients are formed from activations in tensor hooks
-    (``dL/dB = g_y^T h`` at B's output y = B h, ``dL/dA = g_h^T x`` at A's output h = A x),
+    to ``stats.grad_sq_sums``. The gradients are formed from activations in the backward of
+    an identity autograd Function on each LoRA Linear's output (:class:`_GradNormTap`:
+    ``dL/dB = g_y^T h`` at B's output y = B h, ``dL/dA = g_h^T x`` at A's output h = A x),
     because under ZeRO-3 a parameter's ``.grad`` is reduce-scattered away before anything
-    could read it. The hooks are registered on the tensors of the recorded forward only;
-    with (non-reentrant) activation checkpointing those are the tensors the backward
-    passes through, so each micro-batch counts once.
+    could read it. The tap is applied in every grad-enabled forward, recomputations
+    included, so that under (non-reentrant) activation checkpointing the recomputed forward
+    saves the same tensors as the original; the backward runs through the original forward's
+    graph only, so each micro-batch counts once.
     """
 
     def __init__(self, model: nn.Module, module_names: list[str], device: torch.device | str,
@@ -115,19 +140,14 @@ class ImportanceRecorder:
 
     def _make_grad_hook(self, layer: int, col: int):
         def hook(_module, inputs, output):
-            if self._mask is None or not output.requires_grad:
-                return
-            x = inputs[0].detach()
-
-            def on_grad(grad_out: torch.Tensor) -> None:
-                # The weight gradient of this Linear for this micro-batch: sum over tokens of
-                # grad_out (outer) input. Padding positions carry no loss, so no gradient.
-                weight_grad = torch.einsum("...o,...i->oi", grad_out.float(), x.float())
-                self.stats.grad_sq_sums[layer, col] += weight_grad.pow(2).sum(dtype=torch.float64)
-
-            output.register_hook(on_grad)
+            if not torch.is_grad_enabled() or not output.requires_grad:
+                return None  # evaluation
+            return _GradNormTap.apply(output, inputs[0], self, (layer, col))
 
         return hook
+
+    def _add_grad_sq(self, key: tuple[int, int], weight_grad: torch.Tensor) -> None:
+        self.stats.grad_sq_sums[key] += weight_grad.pow(2).sum(dtype=torch.float64)
     @contextlib.contextmanager
     def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
         """Count the forwards run inside this block; ``token_mask`` is [batch, seq]."""
