@@ -35,6 +35,8 @@ import torch
 from .config import Config, ConfigError, ModelConfig
 from .engine import SizeHints, load_ds_config
 from .model import BUILTIN_PREFIX, ModelError, builtin_model_dir, decoder_layers, load_model_config, module_info
+from .prune import ATTN_MODULES, MLP_MODULES, exempt_layers
+from .pruning import CHUNK_ELEMENTS
 
 GiB = 1 << 30
 
@@ -307,6 +309,10 @@ class RunSpec:
     loradrop: bool = True  # false: plain LoRA, one stage
     kept_fraction: float = 1.0  # main stage: fraction of layers (or pairs) keeping their own LoRA
     train_shared: bool = True
+    # LoRAPrune (prune.target_sparsity > 0): the layers it scores (not exempt) and the LoRA
+    # target modules it scores; 0 and () without pruning.
+    prune_layers: int = 0
+    prune_modules: tuple[str, ...] = ()
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -337,6 +343,12 @@ def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_n
     modules = _as_module_info(shape)
     ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
     attn = attn_implementation or resolve_planned_attention(cfg.model.attn_implementation, device, cfg.model.dtype)
+    prune_layers, prune_modules = 0, ()
+    if cfg.prune.target_sparsity > 0:  # what loradrop_ds.pruning.Pruner scores
+        scored = (ATTN_MODULES if cfg.prune.heads else ()) + (MLP_MODULES if cfg.prune.channels else ())
+        prune_modules = tuple(m for m in cfg.lora.target_modules if m in scored)
+        prune_layers = shape.num_layers - len(exempt_layers(shape.num_layers, cfg.prune.exempt_first_fraction,
+                                                            cfg.prune.exempt_last))
     return RunSpec(
         model=shape, world_size=world_size, gpus_per_node=min(gpus_per_node, world_size), device=device,
         dtype=cfg.model.dtype, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
@@ -345,6 +357,7 @@ def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_n
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         attn_implementation=attn, zero=ZeroSettings.from_ds_config(ds_config), loradrop=cfg.loradrop.enabled,
         kept_fraction=kept_fraction, train_shared=cfg.loradrop.train_shared,
+        prune_layers=prune_layers, prune_modules=prune_modules,
     )
 
 
@@ -561,6 +574,29 @@ def lora_matrix_numels(spec: RunSpec, stage: str) -> tuple[list[int], list[int]]
     return one_layer * kept, shared
 
 
+# weight_importance (loradrop_ds.prune) on one row block: the float32 weight block, the three
+# products that make G, G, B A, W + s B A and the product, of which at most this many are
+# alive at once (an upper bound; the smaller r-sized operands are not counted).
+PRUNE_SCRATCH_BLOCKS = 6
+
+
+def prune_update_bytes(spec: RunSpec) -> int:
+    """LoRAPrune's update-step buffers per GPU (``loradrop_ds.pruning.Pruner``), an upper bound:
+    per scored LoRA use, the fp32 weight gradients of A and B (``_grads``), the copies of A and
+    B taken in the forward (``_weights``) and the flat all-reduce copy of the gradients, i.e.
+    3 x 4 bytes x the uses' LoRA elements (per use: a shared LoRA counts in every layer that
+    uses it), plus the importance scratch of one row block of the widest scored module
+    (``importance_sums``). The base weight W an update gathers is one module, between steps,
+    when the forward's gathered working set is released: inside that row."""
+    if not spec.prune_layers or not spec.prune_modules:
+        return 0
+    r = spec.lora_r
+    shapes = [spec.model.target_shapes[m] for m in spec.prune_modules]  # (in, out)
+    per_layer = sum(r * n_in + n_out * r for n_in, n_out in shapes)
+    block = max(min(max(1, CHUNK_ELEMENTS // n_in), n_out) * n_in for n_in, n_out in shapes)
+    return 3 * 4 * per_layer * spec.prune_layers + PRUNE_SCRATCH_BLOCKS * 4 * block
+
+
 @dataclass(frozen=True)
 class StageEstimate:
     """Bytes of one stage: per GPU (or per rank on CPU) and per node of host RAM."""
@@ -624,6 +660,10 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     device_rows = {"frozen base shard": base, "hpZ secondary shard": secondary, "gathered working set": gathered,
                    "LoRA parameters": lora_resident + lora_partitions, "LoRA gradients + reduce bucket": grads,
                    "AdamW state (fp32)": optimizer, "activations": activations}
+    if spec.prune_layers:  # main stage only (0 in sampling: a row in every column of the table)
+        # Counted on top of the activations (the gradients and copies fill during the backward
+        # of an update step; the flat copy and scratch come after it): an upper bound.
+        device_rows["LoRAPrune update buffers"] = prune_update_bytes(spec) if stage == "main" else 0
     offloaded = 0
     if zero.offload_param:
         # Partitions live in (pinned) host memory (partition_parameters.py ``_partition_param``:

@@ -88,6 +88,27 @@ def test_lora_counts_per_stage():
     assert planner.stages_of(replace(spec, loradrop=False)) == ["main"]
 
 
+def test_loraprune_update_buffers_by_hand():
+    # r=2; q 8->8: A 2x8 + B 8x2 = 32 elements per layer. Scoring q in 3 of 4 layers: fp32
+    # gradients, A/B copies and the flat all-reduce copy = 3 x 4 bytes x 32 x 3 = 1152. Scratch:
+    # q is 8 x 8, one row block of all 8 rows = 64 elements, 6 float32 blocks = 1536.
+    spec = tiny_spec(layers=4, prune_layers=3, prune_modules=("q_proj",))
+    assert planner.stage_estimate(spec, "main").device_rows["LoRAPrune update buffers"] == 1152 + 1536
+    assert planner.stage_estimate(spec, "sampling").device_rows["LoRAPrune update buffers"] == 0
+    assert "LoRAPrune update buffers" not in planner.stage_estimate(tiny_spec(layers=4), "main").device_rows
+
+
+def test_loraprune_scores_the_recipes_layers_and_modules(no_network):
+    # The builtin SmolLM2-135M has 30 layers; 10% exempts int(3.0) = 3 first layers, plus the last.
+    recipe = REPO / "recipes" / "smollm2_loraprune.yaml"
+    cfg = load_config(recipe, ["prune.exempt_first_fraction=0.1", "prune.exempt_last=true"])
+    spec = planner.plan_for_config(cfg, 2, 2, 80 * 10**9, None).spec
+    assert spec.prune_layers == 26
+    assert spec.prune_modules == ("gate_proj", "up_proj", "down_proj")  # the recipe's prune.heads=false
+    plain = planner.plan_for_config(load_config(recipe, ["prune.target_sparsity=0"]), 2, 2, 80 * 10**9, None).spec
+    assert (plain.prune_layers, plain.prune_modules) == (0, ())
+
+
 # ----------------------------------------------------------------------------- ZeRO-3
 
 
