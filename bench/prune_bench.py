@@ -2,10 +2,14 @@
 """LoRAPrune at 20% and 50% sparsity against the same LoRA training without pruning (issue 10).
 
     .venv/bin/python bench/prune_bench.py [--steps 60] [--out bench/out/prune]
+    .venv/bin/python bench/prune_bench.py --seed 2 --no-timing --out bench/out/prune_seed2 \
+        --results bench/results/prune_seed2.json                 (another seed: quality only)
+    .venv/bin/python bench/prune_bench.py --steps 120 --set prune.end_fraction=0.5 ...
+        (a longer recovery: the last 60 of 120 steps at the final masks)
 
 The embedded default task (SmolLM2-135M-Instruct, WordNet definition -> category, 2 ranks,
 ZeRO-3) through the real CLI, plain LoRA r = 8 on all seven projections (loradrop.enabled=false,
-so only pruning differs), seed 1:
+so only pruning differs), seed 1 (``--seed``):
 
 * ``lora``: no pruning (the reference);
 * ``prune0.2``, ``prune0.5``: ``prune.target_sparsity`` 0.2 / 0.5 of each layer's KV groups and
@@ -39,7 +43,7 @@ CONFIGS = {
     "prune0.2": ["prune.target_sparsity=0.2"],
     "prune0.5": ["prune.target_sparsity=0.5"],
 }
-COMMON = ["loradrop.enabled=false", "seed=1",
+COMMON = ["loradrop.enabled=false",
           "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
           "prune.every=5", "prune.end_fraction=0.7", "prune.exempt_first_fraction=0", "prune.exempt_last=false"]
 
@@ -50,12 +54,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(name: str, out: Path, steps: int) -> dict:
+def train(name: str, out: Path, steps: int, extra: list[str]) -> dict:
     run_dir = out / name
     if not (run_dir / "summary.json").exists():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "launch/train.py", f"output_dir={run_dir}", "resume=auto", "overwrite=true", f"train.max_steps={steps}",
-               *COMMON, *CONFIGS[name]]
+               *COMMON, *extra, *CONFIGS[name]]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
         with open(out / f"{name}.log", "a") as log:
@@ -135,21 +139,32 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prune.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra dotted overrides for every run (e.g. prune.end_fraction=0.5)")
+    parser.add_argument("--no-timing", action="store_true", help="train and evaluate only: no export, no timing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    extra = [f"seed={args.seed}", *args.set]
     report: dict = {"command": "python bench/prune_bench.py " + " ".join(sys.argv[1:]), "common": COMMON,
-                    "configs": CONFIGS, "runs": {}}
+                    "extra": extra, "steps": args.steps, "configs": CONFIGS, "runs": {}}
     for name in CONFIGS:
-        summary = train(name, args.out, args.steps)
+        summary = train(name, args.out, args.steps, extra)
         final = summary.get("final", {})
         report["runs"][name] = {"eval_accuracy": final.get("eval_accuracy"), "eval_loss": final.get("eval_loss"),
                                 "zero_shot_accuracy": summary.get("zero_shot", {}).get("eval_accuracy"),
                                 "trainable_params": summary.get("trainable_params"), "prune": summary.get("prune")}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    if args.no_timing:
+        args.results.write_text(json.dumps(report, indent=2))
+        for name, r in report["runs"].items():
+            removed = (r["prune"] or {}).get("base_params_removed", 0)
+            print(f"{name:10} {r['eval_accuracy']:6.1%} {r['eval_loss']:7.4f} base parameters removed {removed:,}")
+        return 0
     exports = {name: export(name, args.out) for name in CONFIGS}
     timing = time_models(exports, args.repeats, args.batches)
     for name, t in timing.items():
         report["runs"][name]["inference"] = t
-    args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=2))
     base = timing["lora"]
     print(f"{'run':10} {'acc':>6} {'loss':>7} {'params':>11} {'export MB':>9} {'peak RSS MB':>11} {'s/batches':>9} "
