@@ -83,10 +83,16 @@ def stable_from(history: list[dict], final: list[str]) -> int | None:
 
 def replay(results: dict, patiences: list[int]) -> None:
     """The auto rule at each patience on the fixed runs' checks (every auto_check_every = 2 steps)."""
+    from loradrop_ds.config import LoraDropConfig
     from loradrop_ds.importance import selection_settled
 
     runs = results["runs"]
-    print(f"replayed on {results['command']}\n")
+    # The patience the auto runs used (the config default unless the results' overrides set it).
+    ran = LoraDropConfig.auto_patience
+    for o in results.get("overrides", []):
+        if o.startswith("loradrop.auto_patience="):
+            ran = int(o.split("=", 1)[1])
+    print(f"replayed on {results['command']} (its auto runs: patience {ran})\n")
     print("| patience | " + " | ".join(f"seed {r['seed']}: stop step, same as fixed {results['fixed_steps']}"
                                        for r in runs) + " | all same, by half the steps? |")
     print("|---|" + "---|" * len(runs) + "---|")
@@ -102,7 +108,7 @@ def replay(results: dict, patiences: list[int]) -> None:
                 continue
             same = sorted(kept[stop], key=int) == r["fixed"]["kept"]
             ok = ok and same and steps[stop] <= results["fixed_steps"] // 2
-            real = r["auto"]["sampling_steps"] if patience == 3 else None
+            real = r["auto"]["sampling_steps"] if patience == ran else None
             check = "" if real is None else (" (= the auto run)" if real == steps[stop] else f" (auto run: {real}!)")
             cells.append(f"{steps[stop]}, {'yes' if same else 'no'}{check}")
         print(f"| {patience} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")

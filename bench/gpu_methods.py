@@ -20,7 +20,7 @@ bench/gpu_smoke.py). Parts, in order, each saved as soon as it ends:
    median wall time (``torch.cuda.synchronize``), tokens/s, peak allocated memory.
 4. ``allora``: LoRA-drop (T = 0.5) with ``lora.variant=allora`` (dropout 0, alpha = r),
    12 steps: losses finite, the adapter reloaded in plain peft against the trained logits,
-   step time against ``plain`` (ALLoRA gathers A and B once per step for the row norms).
+   step time against ``plain`` (with LoRA-drop: not a measure of ALLoRA's own cost).
 5. ``hf_trainer``: bench/hf_trainer_lora.py (transformers.Trainer + peft + the same
    resolved ZeRO-3 config) with ``plain``'s overrides and steps: step time against the CLI.
 

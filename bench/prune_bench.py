@@ -54,12 +54,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def setting(cfg: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_reused(run_dir: Path, overrides: list[str]) -> None:
+    """A finished run is reused only if its own config.yaml has every requested setting (a
+    reused --out with another --seed, --steps or --set would otherwise be reported as if it
+    had run with them)."""
+    from loradrop_ds.config import load_config
+
+    saved, wanted = load_config(run_dir / "config.yaml"), load_config(None, overrides)
+    keys = dict.fromkeys(o.split("=", 1)[0] for o in overrides)
+    differ = [k for k in keys if setting(saved, k) != setting(wanted, k)]
+    if differ:
+        raise SystemExit(f"{run_dir} finished with other settings ({', '.join(differ)}): use another --out")
+
+
 def train(name: str, out: Path, steps: int, extra: list[str]) -> dict:
     run_dir = out / name
-    if not (run_dir / "summary.json").exists():
+    overrides = [f"train.max_steps={steps}", *COMMON, *extra, *CONFIGS[name]]
+    if (run_dir / "summary.json").exists():
+        check_reused(run_dir, overrides)
+    else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "launch/train.py", f"output_dir={run_dir}", "resume=auto", "overwrite=true", f"train.max_steps={steps}",
-               *COMMON, *extra, *CONFIGS[name]]
+               "launch/train.py", f"output_dir={run_dir}", "resume=auto", "overwrite=true", *overrides]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
         with open(out / f"{name}.log", "a") as log:
@@ -136,7 +157,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "prune")
-    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "prune.json")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="default bench/results/prune.json (with --no-timing: prune_seed<S>_steps<N>.json)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1)
@@ -144,6 +166,9 @@ def main() -> int:
                         help="extra dotted overrides for every run (e.g. prune.end_fraction=0.5)")
     parser.add_argument("--no-timing", action="store_true", help="train and evaluate only: no export, no timing")
     args = parser.parse_args()
+    if args.results is None:  # the timed results are not overwritten by a quality-only run
+        name = f"prune_seed{args.seed}_steps{args.steps}.json" if args.no_timing else "prune.json"
+        args.results = REPO / "bench" / "results" / name
     args.out.mkdir(parents=True, exist_ok=True)
     extra = [f"seed={args.seed}", *args.set]
     report: dict = {"command": "python bench/prune_bench.py " + " ".join(sys.argv[1:]), "common": COMMON,
@@ -159,7 +184,8 @@ def main() -> int:
         args.results.write_text(json.dumps(report, indent=2))
         for name, r in report["runs"].items():
             removed = (r["prune"] or {}).get("base_params_removed", 0)
-            print(f"{name:10} {r['eval_accuracy']:6.1%} {r['eval_loss']:7.4f} base parameters removed {removed:,}")
+            print(f"{name:10} accuracy {r['eval_accuracy']}, eval loss {r['eval_loss']}, base parameters removed "
+                  f"{removed:,}")
         return 0
     exports = {name: export(name, args.out) for name in CONFIGS}
     timing = time_models(exports, args.repeats, args.batches)

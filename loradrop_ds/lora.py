@@ -92,9 +92,9 @@ class _GradNormTap(torch.autograd.Function):
 class ImportanceRecorder:
     """Forward hooks that add up ``||scaling * B(A(x))||^2`` per (layer, module).
 
-    Only forwards run inside :meth:`recording` count, and only at the positions of
-    real tokens (``token_mask``). Activation checkpointing recomputes forwards during
-    backward; those happen outside ``recording`` and are not counted twice. The sums
+    Only forwards run inside :meth:`recording` count toward the output norms, and only at
+    the positions of real tokens (``token_mask``). Activation checkpointing recomputes
+    forwards during backward; those happen outside ``recording`` and are not counted twice. The sums
     stay on the accelerator (no host sync per hook); call :meth:`remove` after the
     sampling stage so the main stage pays nothing.
 
@@ -148,6 +148,7 @@ class ImportanceRecorder:
 
     def _add_grad_sq(self, key: tuple[int, int], weight_grad: torch.Tensor) -> None:
         self.stats.grad_sq_sums[key] += weight_grad.pow(2).sum(dtype=torch.float64)
+
     @contextlib.contextmanager
     def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
         """Count the forwards run inside this block; ``token_mask`` is [batch, seq]."""

@@ -41,6 +41,7 @@ import contextlib
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,11 +167,14 @@ class Pruner:
 
     def _mask_hook(self, layer: int, structure: str):
         def hook(module, inputs):
-            keep = self._device_masks.get(layer, {}).get(structure)
+            entry = self._device_masks.get(layer, {})
+            keep = entry.get(structure)
             if keep is None:
                 return None
             x = inputs[0]
-            return (x * keep.to(x.dtype), *inputs[1:])
+            if keep.dtype != x.dtype:  # converted once per mask update, not per forward
+                keep = entry[structure] = keep.to(x.dtype)
+            return (x * keep, *inputs[1:])
 
         return hook
 
@@ -214,6 +218,7 @@ class Pruner:
         schedule's ratio for ``step``. Collective: call on every rank. Returns what to log."""
         import deepspeed
 
+        start = time.perf_counter()
         keys = sorted(self._grads)
         missing = sorted({(layer, m) for layer, m in self._uses} - {(layer, m) for layer, m, _ in keys})
         if missing:
@@ -264,8 +269,11 @@ class Pruner:
         self._check_agreement(world_size)
         sparsity = prune_lib.mask_sparsity(self.state.masks)
         removed = prune_lib.pruned_param_count(self.state.masks, s.hidden, s.num_heads, s.num_kv_heads, s.head_dim)
+        # The wall time of this update on this rank, to the mask agreement check (whose
+        # all_gather result is read on the host, so device work is included).
         return {"stage": "prune", "prune_ratio": ratio, "attn_groups_pruned": sparsity["attn"],
-                "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"]}
+                "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"],
+                "prune_update_seconds": time.perf_counter() - start}
 
     def _check_agreement(self, world_size: int) -> None:
         digest = masks_digest(self.state.masks)

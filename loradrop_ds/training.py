@@ -56,7 +56,8 @@ def train_stage(
     micro-batch's forward runs inside ``recorder.recording(token_mask)``, and
     ``recorder.begin_step(step)`` is called before each step when it has one. ``on_step(step,
     loss)`` runs after every step (checkpoints, periodic eval); if it returns True the
-    stage ends there (``sampling_steps=auto``: it must return the same on every rank).
+    stage ends there (``sampling_steps=auto``: it must return the same on every rank). Its
+    time is not in the logged ``seconds_per_step`` and ``tokens_per_s_per_rank``.
     """
     engine.train()
     grad_accum = engine.gradient_accumulation_steps()
@@ -105,8 +106,14 @@ def train_stage(
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
             window_start, window_tokens, window_steps = now, 0, 0
         bar.update(1)
-        if on_step is not None and on_step(step, mean_loss):
-            break
+        if on_step is not None:
+            # What on_step does (checkpoints, evals, selection checks, prune updates) is not
+            # step time: the timing window skips it (each logs its own time where it matters).
+            paused = time.perf_counter()
+            stop = on_step(step, mean_loss)
+            window_start += time.perf_counter() - paused
+            if stop:
+                break
     bar.close()
     return StageResult(len(losses), losses, tokens_total, time.perf_counter() - start)
 

@@ -165,3 +165,14 @@ def test_training_after_an_evaluation_gathers_what_it_gathers_without_one(tiny_m
     steady = fetched["no-eval"][2:]  # from the third step on, the trace is recorded
     assert len(set(steady)) == 1 and steady[0] > 0
     assert fetched["eval"][2:] == steady, fetched
+
+
+def test_step_times_leave_out_what_runs_between_steps(tiny_model, tmp_path):
+    """Checkpoints, evaluations, selection checks and LoRAPrune updates run in on_step; the
+    clock jumps 1000 s inside each one, and no logged step time or throughput may see it."""
+    run_ranks(REPO / "tests" / "workers" / "step_timing.py", [str(tiny_model), str(tmp_path)], nproc=1)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r.get("stage") == "main"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(0 < r["seconds_per_step"] < 1000 for r in steps), [r["seconds_per_step"] for r in steps]
+    assert all(r["tokens_per_s_per_rank"] > 0.01 for r in steps)

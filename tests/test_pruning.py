@@ -157,6 +157,7 @@ def test_cli_prunes_on_schedule_and_the_masked_model_is_the_pruned_one(tiny_mode
     assert [u["step"] for u in updates] == update_steps(8, 2, 0.9) == [2, 4, 6, 8]
     ratios = [u["prune_ratio"] for u in updates]
     assert ratios == sorted(ratios) and ratios[-1] == 0.5
+    assert all(u["prune_update_seconds"] > 0 for u in updates)  # each update's own time (not in step times)
     summary = json.loads((prune_run / "summary.json").read_text())
     assert summary["prune"]["kept_groups"] == info["kept_groups"]
     # The final eval ran the masked model: its probe logits are plain peft's with the pruned

@@ -1,0 +1,51 @@
+"""train_stage's step timing leaves out what on_step does, on a real ZeRO-3 engine.
+
+torchrun --nproc_per_node 1 tests/workers/step_timing.py MODEL_DIR OUT_DIR
+The clock train_stage reads jumps by 1000 s inside every on_step (as a long checkpoint or
+evaluation would take); metrics.jsonl is written to OUT_DIR."""
+
+import sys
+import time
+import types
+
+from loradrop_ds import distributed, training
+from loradrop_ds.engine import create_engine, lr_lambda
+from loradrop_ds.lora import add_lora
+from loradrop_ds.metrics import MetricsLogger
+from loradrop_ds.model import load_model, load_tokenizer
+from workers.common import ds_config_for, rank_batches, tiny_config
+
+JUMP = 1000.0
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    info = distributed.init_distributed()
+    cfg = tiny_config(model_dir, "train.micro_batch_size=2")
+    ds_config = ds_config_for(cfg, info.world_size)
+    model, _hf = load_model(cfg.model, ds_config, "cpu")
+    model = add_lora(model, cfg.lora, cfg.seed)
+    engine = create_engine(model, ds_config, lr=1e-3, weight_decay=0.0, lr_factor=lr_lambda("constant", 0, 1, 1.0))
+    batch = rank_batches(cfg, load_tokenizer(model_dir), per_rank=2, world=info.world_size)[info.rank]
+    batch["token_mask"] = batch["attention_mask"].bool()
+
+    def batches():
+        while True:
+            yield dict(batch)
+
+    offset = [0.0]
+    training.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
+
+    def on_step(step: int, loss: float) -> bool:
+        offset[0] += JUMP
+        return False
+
+    logger = MetricsLogger(out_dir, enabled=info.is_main)
+    result = training.train_stage(engine, batches(), 4, stage="main", info=info, logger=logger, log_every=1,
+                                  on_step=on_step)
+    logger.close()
+    assert result.steps == 4
+    distributed.exit_process(0)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
