@@ -66,26 +66,32 @@ def lora_layers(model: nn.Module, module_names: list[str]) -> dict[tuple[int, st
     return found
 
 
-class _GradNormTap(torch.autograd.Function):
-    """Identity on a LoRA Linear's output whose backward adds the squared norm of that
-    Linear's weight gradient for this micro-batch, ``||g^T x||^2``, to the recorder. ``x`` is
-    kept with ``save_for_backward``, so autograd owns it: without checkpointing it is the
-    tensor the Linear saved anyway, and under non-reentrant activation checkpointing it is
-    dropped after the forward and recomputed like every other saved tensor. (A closure that
-    held ``x`` until the backward would keep every LoRA input of the step alive: about 90 GB
-    per GPU on the 70B recipe; loradrop_ds.pruning._GradTap does the same for LoRAPrune.)"""
+class WeightGradTap(torch.autograd.Function):
+    """Identity on a Linear's output whose backward hands that Linear's weight gradient for
+    this micro-batch, ``g^T x`` (summed over tokens; padding positions carry no loss, so no
+    gradient), to ``add(key, grad)``: the grad_norm recorder here and LoRAPrune's Pruner. Under
+    ZeRO-3 a parameter's ``.grad`` is reduce-scattered (and, for a tied LoRA, summed over its
+    uses) before anything could read it, so the per-use gradient is formed from activations.
+
+    ``x`` is kept with ``save_for_backward``, so autograd owns it: without checkpointing it is
+    the very tensor the Linear saved anyway (no extra memory), and under non-reentrant
+    activation checkpointing it is dropped after the forward and recomputed for the backward
+    like every other saved tensor. (A closure holding ``x`` until the backward would keep every
+    LoRA input of the step alive: about 90 GB per GPU on the 70B recipe.) The tap must then be
+    applied in the recomputed forward too, or the recomputation saves fewer tensors than the
+    original and torch.utils.checkpoint refuses; the backward runs through the original
+    forward's graph only, so each micro-batch is counted once."""
 
     @staticmethod
-    def forward(ctx, output, x, recorder, key):
+    def forward(ctx, output, x, add, key):
         ctx.save_for_backward(x)
-        ctx.recorder, ctx.key = recorder, key
+        ctx.add, ctx.key = add, key
         return output.view_as(output)
 
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        # Sum over tokens of grad_out (outer) input; padding positions carry no loss, so no gradient.
-        ctx.recorder._add_grad_sq(ctx.key, torch.einsum("...o,...i->oi", grad_out.float(), x.float()))
+        ctx.add(ctx.key, torch.einsum("...o,...i->oi", grad_out.float(), x.float()))
         return grad_out, None, None, None
 
 
@@ -101,7 +107,7 @@ class ImportanceRecorder:
     With ``record_grads`` (the ``grad_norm`` baseline) it also adds, per micro-batch, the
     squared Frobenius norm of the LoRA weights' gradient, ``||dL/dA||^2 + ||dL/dB||^2``,
     to ``stats.grad_sq_sums``. The gradients are formed from activations in the backward of
-    an identity autograd Function on each LoRA Linear's output (:class:`_GradNormTap`:
+    an identity autograd Function on each LoRA Linear's output (:class:`WeightGradTap`:
     ``dL/dB = g_y^T h`` at B's output y = B h, ``dL/dA = g_h^T x`` at A's output h = A x),
     because under ZeRO-3 a parameter's ``.grad`` is reduce-scattered away before anything
     could read it. The tap is applied in every grad-enabled forward, recomputations
@@ -142,7 +148,7 @@ class ImportanceRecorder:
         def hook(_module, inputs, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return None  # evaluation
-            return _GradNormTap.apply(output, inputs[0], self, (layer, col))
+            return WeightGradTap.apply(output, inputs[0], self._add_grad_sq, (layer, col))
 
         return hook
 

@@ -30,7 +30,7 @@ here the scores are computed at every ``prune.every``-th step (when the masks ar
 from that step's gradient, because each computation needs every base weight gathered once:
 at every step that would add half again to ZeRO-3's gather traffic. The EMA runs over
 updates. The weight gradients are formed in the backward of an identity autograd Function
-on each LoRA Linear's output (``_GradTap``), whose saved input autograd manages: no extra
+on each LoRA Linear's output (``lora.WeightGradTap``), whose saved input autograd manages: no extra
 activation memory, also under activation checkpointing. Steps that do not update run without
 any recording.
 """
@@ -52,35 +52,13 @@ import torch.distributed as dist
 from torch import nn
 
 from . import prune as prune_lib
-from .lora import ADAPTER, lora_layers
+from .lora import ADAPTER, WeightGradTap, lora_layers
 from .model import decoder_layers
 
 PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
 STATE_FILE = "state.safetensors"  # PruneState: EMA scores, masks, update count
 MASKS_FILE = "masks.safetensors"  # layers.{i}.attn / layers.{i}.mlp, uint8, 1 = kept (the export's input)
 INFO_FILE = "prune.json"
-
-
-class _GradTap(torch.autograd.Function):
-    """Identity on a LoRA Linear's output whose backward adds that Linear's weight gradient
-    for this micro-batch, ``g^T x``, to the pruner. ``x`` is kept with ``save_for_backward``,
-    so autograd owns it: without checkpointing it is the very tensor the Linear saved anyway
-    (no extra memory), and under non-reentrant activation checkpointing it is dropped after the
-    forward and recomputed for the backward like every other saved tensor. (Holding it in a
-    closure instead would keep every LoRA input of the step alive: about 90 GB per GPU on the
-    70B recipe.)"""
-
-    @staticmethod
-    def forward(ctx, output, x, pruner, key):
-        ctx.save_for_backward(x)
-        ctx.pruner, ctx.key = pruner, key
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        ctx.pruner._add_grad(ctx.key, torch.einsum("...o,...i->oi", grad_out.float(), x.float()))
-        return grad_out, None, None, None
 
 
 @dataclass(frozen=True)
@@ -153,12 +131,12 @@ class Pruner:
     def _grad_hook(self, key: tuple[int, str, str]):
         def hook(module, inputs, output):
             # Decided per step, not per forward: under activation checkpointing the recomputed
-            # forward must save the same tensors as the original one (see _GradTap).
+            # forward must save the same tensors as the original one (see WeightGradTap).
             if not self._step_records or not torch.is_grad_enabled() or not output.requires_grad:
                 return None
             if self._recording:  # the original forward, not a recomputation
                 self._weights[key] = module.weight.detach().float().clone()  # gathered here (see class doc)
-            return _GradTap.apply(output, inputs[0], self, key)
+            return WeightGradTap.apply(output, inputs[0], self._add_grad, key)
 
         return hook
 
