@@ -381,6 +381,32 @@ def markdown(results: dict, expected_seeds: int | None = None) -> str:
     return "\n".join(lines)
 
 
+# (config, against): differences paired by seed. A seed fixes the data every configuration
+# sees (the sampling subset, the order of the batches), so a paired difference removes what
+# the seeds change for all configurations alike (seed 3 is harder for most of them).
+PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("T0.9", "T0.9_random"), ("T0.9", "T0.9_bottom"),
+         ("T0.9", "T0.9_param_norm"), ("T0.9", "T0.9_grad_norm"), ("T0.9", "T0.9_kept_only"),
+         ("T0.9_scale_scalar", "T0.9"), ("T0.9_scale_vector", "T0.9"), ("allora", "plain"),
+         ("allora", "allora_control"), ("allora_control", "plain"), ("allora_T0.9", "T0.9")]
+
+
+def paired_markdown(results: dict) -> str:
+    """Accuracy and eval-loss differences per seed for PAIRS (both configurations finished)."""
+    by = {(r["config"], r["seed"]): r for r in results["runs"]}
+    lines = ["| config - against | accuracy points, per seed | mean | eval loss, per seed | mean | seeds with lower loss |",
+             "|---|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        seeds = sorted(s for c, s in by if c == a and (b, s) in by)
+        if not seeds:
+            continue
+        acc = [100 * (by[a, s]["eval_accuracy"] - by[b, s]["eval_accuracy"]) for s in seeds]
+        loss = [by[a, s]["eval_loss"] - by[b, s]["eval_loss"] for s in seeds]
+        lines.append(f"| {a} - {b} | {' / '.join(f'{x:+.1f}' for x in acc)} | {statistics.fmean(acc):+.2f} "
+                     f"| {' / '.join(f'{x:+.4f}' for x in loss)} | {statistics.fmean(loss):+.4f} "
+                     f"| {sum(x < 0 for x in loss)} of {len(seeds)} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path, expected_seeds: int | None = None) -> None:
     import matplotlib
 
@@ -463,6 +489,8 @@ def report(args: argparse.Namespace) -> None:
     results = write_results(args)
     expected = len(args.seeds)
     print(markdown(results, expected))
+    print("\nPaired by seed (config minus against; seeds " + " / ".join(str(s) for s in args.seeds) + "):\n")
+    print(paired_markdown(results))
     zs = results["zero_shot"]
     if zs and not zs["identical"]:
         print(f"\nWARNING: zero-shot differs between runs: accuracy {zs['accuracy_range']}, loss {zs['loss_range']}")
