@@ -153,6 +153,25 @@ def time_models(exports: dict[str, Path], repeats: int, batches: int) -> dict:
     return results
 
 
+def summarize(files: list[Path]) -> None:
+    reports = [json.loads(f.read_text()) for f in files]
+    print("results: " + ", ".join(str(f) for f in files) + "\n")
+    print("| run | seeds | accuracy % mean ± std (per seed) | eval loss mean ± std | accuracy vs lora, paired | "
+          "eval loss vs lora, paired |")
+    print("|---|---|---|---|---|---|")
+    for name in CONFIGS:
+        rs = [r["runs"][name] for r in reports if name in r["runs"]]
+        base = [r["runs"]["lora"] for r in reports if name in r["runs"]]
+        acc = [100 * r["eval_accuracy"] for r in rs]
+        loss = [r["eval_loss"] for r in rs]
+        d_acc = [a - 100 * b["eval_accuracy"] for a, b in zip(acc, base, strict=True)]
+        d_loss = [x - b["eval_loss"] for x, b in zip(loss, base, strict=True)]
+        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
+        print(f"| {name} | {len(rs)} | {statistics.fmean(acc):.1f} ± {sd(acc):.1f} ({' / '.join(f'{x:.1f}' for x in acc)}) "
+              f"| {statistics.fmean(loss):.3f} ± {sd(loss):.3f} | {statistics.fmean(d_acc):+.1f} "
+              f"({' / '.join(f'{x:+.1f}' for x in d_acc)}) | {statistics.fmean(d_loss):+.3f} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
@@ -165,7 +184,13 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="extra dotted overrides for every run (e.g. prune.end_fraction=0.5)")
     parser.add_argument("--no-timing", action="store_true", help="train and evaluate only: no export, no timing")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS",
+                        help="only print accuracy and eval loss over these results files (one per seed): mean, "
+                             "spread, and the differences to the unpruned run paired by seed")
     args = parser.parse_args()
+    if args.summarize:
+        summarize(args.summarize)
+        return 0
     if args.results is None:  # the timed results are not overwritten by a quality-only run
         name = f"prune_seed{args.seed}_steps{args.steps}.json" if args.no_timing else "prune.json"
         args.results = REPO / "bench" / "results" / name
