@@ -166,9 +166,10 @@ def summarize(files: list[Path]) -> None:
         loss = [r["eval_loss"] for r in rs]
         d_acc = [a - 100 * b["eval_accuracy"] for a, b in zip(acc, base, strict=True)]
         d_loss = [x - b["eval_loss"] for x, b in zip(loss, base, strict=True)]
-        sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
-        print(f"| {name} | {len(rs)} | {statistics.fmean(acc):.1f} ± {sd(acc):.1f} ({' / '.join(f'{x:.1f}' for x in acc)}) "
-              f"| {statistics.fmean(loss):.3f} ± {sd(loss):.3f} | {statistics.fmean(d_acc):+.1f} "
+        acc_sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
+        loss_sd = f" ± {statistics.stdev(loss):.3f}" if len(loss) > 1 else ""
+        print(f"| {name} | {len(rs)} | {statistics.fmean(acc):.1f}{acc_sd} ({' / '.join(f'{x:.1f}' for x in acc)}) "
+              f"| {statistics.fmean(loss):.3f}{loss_sd} | {statistics.fmean(d_acc):+.1f} "
               f"({' / '.join(f'{x:+.1f}' for x in d_acc)}) | {statistics.fmean(d_loss):+.3f} |")
 
 
