@@ -15,6 +15,9 @@ once per (config, seed). Configs (dotted overrides on top of the default recipe)
 * ``budget0.5``: LoRA-drop keeping the top layers that fit 50% of plain LoRA's parameters;
 * ``T0.9_scale_{scalar,vector}``, ``budget0.5_scale_{scalar,vector}``: the same with a learned
   gain on the shared LoRA (``none`` is the default, i.e. the rows ``T0.9`` and ``budget0.5``);
+  ``T0.8_scale_scalar``, ``T0.95_scale_scalar``: the scalar gain at the other thresholds (the
+  vector gain gave the scalar's results to 4 digits at T = 0.9 and the budget, so it is not
+  repeated there);
 * ``T0.9_random``, ``T0.9_bottom``: random / least-output layers, as many as output_norm keeps at T;
 * ``T0.9_kept_only``: unselected layers carry no adapter (loradrop.train_shared=false);
 * ``T0.9_param_norm``, ``T0.9_grad_norm``: other importance measures, same count;
@@ -38,7 +41,7 @@ ranks of the killed attempt running: before a run starts, processes whose comman
 its exact ``output_dir=`` are stopped (SIGTERM, then SIGKILL). Ctrl-C or SIGTERM to this
 script stops torchrun cleanly (it stops its ranks). One instance per --out (a lock file).
 
-Size: 17 configs x 3 seeds = 51 runs. At the defaults (--steps 50, the recipe's; all 320 eval
+Size: 19 configs x 3 seeds = 57 runs. At the defaults (--steps 50, the recipe's; all 320 eval
 examples; 10 sampling steps) a run takes about 3.5 min on the project's 2-core CPU machine
 (bench/RESULTS.md), so the grid takes about 2.5 h when nothing else runs.
 
@@ -79,6 +82,9 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
                                "budget 0.5, shared scale scalar"),
     "budget0.5_scale_vector": (["loradrop.param_budget=0.5", "loradrop.shared_scale=vector"],
                                "budget 0.5, shared scale vector"),
+    "T0.8_scale_scalar": (["loradrop.threshold=0.8", "loradrop.shared_scale=scalar"], "T=0.8, shared scale scalar"),
+    "T0.95_scale_scalar": (["loradrop.threshold=0.95", "loradrop.shared_scale=scalar"],
+                           "T=0.95, shared scale scalar"),
     "T0.9_random": (["loradrop.threshold=0.9", "loradrop.selection=random"], "random layers, size of T=0.9"),
     "T0.9_bottom": (["loradrop.threshold=0.9", "loradrop.selection=bottom"], "bottom layers, size of T=0.9"),
     "T0.9_kept_only": (["loradrop.threshold=0.9", "loradrop.train_shared=false"], "T=0.9 kept only (no shared LoRA)"),
@@ -386,7 +392,8 @@ def markdown(results: dict, expected_seeds: int | None = None) -> str:
 # the seeds change for all configurations alike (seed 3 is harder for most of them).
 PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("T0.9", "T0.9_random"), ("T0.9", "T0.9_bottom"),
          ("T0.9", "T0.9_param_norm"), ("T0.9", "T0.9_grad_norm"), ("T0.9", "T0.9_kept_only"),
-         ("T0.9_scale_scalar", "T0.9"), ("T0.9_scale_vector", "T0.9"), ("allora", "plain"),
+         ("T0.8_scale_scalar", "T0.8"), ("T0.9_scale_scalar", "T0.9"), ("T0.9_scale_vector", "T0.9"),
+         ("T0.95_scale_scalar", "T0.95"), ("budget0.5_scale_scalar", "budget0.5"), ("allora", "plain"),
          ("allora", "allora_control"), ("allora_control", "plain"), ("allora_T0.9", "T0.9")]
 
 
