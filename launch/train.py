@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from loradrop_ds import checkpoint, distributed, planner  # noqa: E402
+from loradrop_ds import adapter_io, distributed, planner  # noqa: E402
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
@@ -94,7 +94,7 @@ from loradrop_ds.model import (  # noqa: E402
     resolve_model_path,
 )
 from loradrop_ds.plot import plot_importance, plot_selection_history  # noqa: E402
-from loradrop_ds.pruning import PRUNE_DIR, Pruner, Shape, load_state, write_prune_dir  # noqa: E402
+from loradrop_ds.prune_zero3 import PRUNE_DIR, Pruner, Shape, load_state, write_prune_dir  # noqa: E402
 from loradrop_ds.training import evaluate, train_stage  # noqa: E402
 
 log = logging.getLogger("loradrop_ds.train")
@@ -454,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     if info.is_main:
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
-    if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.pruning)
+    if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.prune_zero3)
         state = None
         if resumed is not None and resumed.stage == "main":
             state = load_state(run.resume_path)
@@ -638,7 +638,7 @@ def sampling_stage(run: Run) -> tuple[Selection, torch.nn.Module, Any, Optional[
              selection.granularity, selection.method, steps, selection.kept_layers)
     run.save_checkpoint(engine, "sampling", steps, batches, selection, stats=recorder.stats)
     fault_point(info, f"selection:{steps}")
-    warm_state = checkpoint.gather_lora_state(model) if drop.warm_start else None
+    warm_state = adapter_io.gather_lora_state(model) if drop.warm_start else None
 
     # 4. (first half) Free the engine, its optimizer state and hooks; keep the base. The
     # names are cleared rather than deleted: after_step above holds them in its closure.
@@ -653,13 +653,13 @@ def save_outputs(run: Run, engine: Any, selection: Optional[Selection], probe: O
     """The adapter (gathered from the shards on every rank, written by rank 0), probe
     logits and summary.json; a failure on any rank stops every rank."""
     info = run.info
-    adapter_state = checkpoint.gather_lora_state(engine.module, copy_here=info.is_main)  # collective
+    adapter_state = adapter_io.gather_lora_state(engine.module, copy_here=info.is_main)  # collective
 
     def write() -> None:
         fault_point(info, "save")
         if not info.is_main:
             return
-        checkpoint.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
+        adapter_io.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
         if run.pruner is not None:  # written aside, then moved into place whole
             staging = run.out_dir / f".{PRUNE_DIR}-tmp-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)

@@ -271,7 +271,7 @@ def build_main_lora(base: nn.Module, cfg: LoraConfig, seed: int, plan: Optional[
 
 SHARED_SCALES = ("none", "scalar", "vector")
 GAIN = "loradrop_gain"  # the gain's parameter name on a shared use's lora_A module
-# Keys of ``checkpoint.gather_lora_state``'s result that are not PEFT weights (no "lora_" in
+# Keys of ``adapter_io.gather_lora_state``'s result that are not PEFT weights (no "lora_" in
 # them): the gains and the unscaled shared B, written next to the adapter in GAINS_FILE.
 EXTRA_PREFIX = "loradrop."
 GAINS_FILE = "loradrop_shared_scale.safetensors"

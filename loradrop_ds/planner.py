@@ -35,8 +35,8 @@ import torch
 from .config import Config, ConfigError, ModelConfig
 from .engine import SizeHints, load_ds_config
 from .model import BUILTIN_PREFIX, ModelError, builtin_model_dir, decoder_layers, load_model_config, module_info
-from .prune import ATTN_MODULES, MLP_MODULES, exempt_layers
-from .pruning import CHUNK_ELEMENTS
+from .prune_algorithm import ATTN_MODULES, MLP_MODULES, exempt_layers
+from .prune_zero3 import CHUNK_ELEMENTS
 
 GiB = 1 << 30
 
@@ -344,7 +344,7 @@ def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_n
     ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
     attn = attn_implementation or resolve_planned_attention(cfg.model.attn_implementation, device, cfg.model.dtype)
     prune_layers, prune_modules = 0, ()
-    if cfg.prune.target_sparsity > 0:  # what loradrop_ds.pruning.Pruner scores
+    if cfg.prune.target_sparsity > 0:  # what loradrop_ds.prune_zero3.Pruner scores
         scored = (ATTN_MODULES if cfg.prune.heads else ()) + (MLP_MODULES if cfg.prune.channels else ())
         prune_modules = tuple(m for m in cfg.lora.target_modules if m in scored)
         prune_layers = shape.num_layers - len(exempt_layers(shape.num_layers, cfg.prune.exempt_first_fraction,
@@ -574,14 +574,14 @@ def lora_matrix_numels(spec: RunSpec, stage: str) -> tuple[list[int], list[int]]
     return one_layer * kept, shared
 
 
-# weight_importance (loradrop_ds.prune) on one row block: the float32 weight block, the three
+# weight_importance (loradrop_ds.prune_algorithm) on one row block: the float32 weight block, the three
 # products that make G, G, B A, W + s B A and the product, of which at most this many are
 # alive at once (an upper bound; the smaller r-sized operands are not counted).
 PRUNE_SCRATCH_BLOCKS = 6
 
 
 def prune_update_bytes(spec: RunSpec) -> int:
-    """LoRAPrune's update-step buffers per GPU (``loradrop_ds.pruning.Pruner``), an upper bound:
+    """LoRAPrune's update-step buffers per GPU (``loradrop_ds.prune_zero3.Pruner``), an upper bound:
     per scored LoRA use, the fp32 weight gradients of A and B (``_grads``), the copies of A and
     B taken in the forward (``_weights``) and the flat all-reduce copy of the gradients, i.e.
     3 x 4 bytes x the uses' LoRA elements (per use: a shared LoRA counts in every layer that

@@ -155,7 +155,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     wrote into the checkpoint (LoRAPrune's state and masks); they join the manifest.
     """
     from . import distributed
-    from .checkpoint import gather_lora_state, save_adapter
+    from .adapter_io import gather_lora_state, save_adapter
 
     root = Path(out_dir) / CHECKPOINTS
     name = checkpoint_name(state.stage, state.step)

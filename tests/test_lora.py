@@ -104,7 +104,7 @@ def test_target_modules_are_checked_on_a_weightless_model(tiny_model):
 def test_warm_start_copies_kept_lora_and_leaves_shared_fresh(tiny_model, peft_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from loradrop_ds.checkpoint import gather_lora_state, save_adapter
+    from loradrop_ds.adapter_io import gather_lora_state, save_adapter
     from loradrop_ds.lora import adapter_as_module_state, warm_start_kept
 
     sampled = gather_lora_state(peft_model)  # "sampling-stage" weights: B randomised

@@ -114,7 +114,7 @@ def test_warm_start_with_gains_copies_kept_lora_and_starts_shared_uses_fresh(tin
     LoRA starts fresh (B = 0) with every gain at 1."""
     from transformers import AutoModelForCausalLM
 
-    from loradrop_ds.checkpoint import gather_lora_state
+    from loradrop_ds.adapter_io import gather_lora_state
     from loradrop_ds.lora import add_lora, build_main_lora
 
     cfg = LoraConfig(r=R, alpha=ALPHA, dropout=0.0, target_modules=MODULES)
@@ -144,7 +144,7 @@ def test_adapter_with_baked_gains_loads_in_plain_peft(tiny_model, tmp_path, shar
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loradrop_ds.checkpoint import gather_lora_state, save_adapter
+    from loradrop_ds.adapter_io import gather_lora_state, save_adapter
     from loradrop_ds.lora import GAINS_FILE
 
     model, users = build(tiny_model, shared_scale)

@@ -15,7 +15,7 @@ from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora
 from loradrop_ds.model import load_model, load_model_config, load_tokenizer
-from loradrop_ds.pruning import Pruner, Shape
+from loradrop_ds.prune_zero3 import Pruner, Shape
 from workers.common import TIED_KEPT_LAYERS as KEPT
 from workers.common import ds_config_for, hand_selection, randomize_lora_b, rank_batches, tiny_config
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from loradrop_ds import checkpoint, distributed
+from loradrop_ds import adapter_io, distributed
 from loradrop_ds.engine import create_engine, lr_lambda, release_engine
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, build_main_lora, strip_lora
@@ -101,7 +101,7 @@ def main(model_dir: str, out_dir: str, mode: str) -> None:
     gc.collect()
     trainable = {id(p) for p in engine.module.parameters()}
     leftover = zero_params_alive() - len(trainable)  # ZeRO-3 parameters not in the main model
-    adapter = checkpoint.gather_lora_state(engine.module, copy_here=info.is_main)
+    adapter = adapter_io.gather_lora_state(engine.module, copy_here=info.is_main)
     if info.is_main:
         save_file(adapter, f"{out_dir}/adapter.safetensors")
         with open(f"{out_dir}/rebuild.json", "w") as f:

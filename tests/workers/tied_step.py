@@ -10,7 +10,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
-from loradrop_ds import checkpoint, distributed
+from loradrop_ds import adapter_io, distributed
 from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora, trainable_parameter_count
@@ -40,7 +40,7 @@ def main(model_dir: str, out_dir: str) -> None:
     names = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     grads = {n: safe_get_full_grad(p).detach().clone() for n, p in names}  # collective: every rank
     engine.step()
-    params = checkpoint.gather_lora_state(engine.module)
+    params = adapter_io.gather_lora_state(engine.module)
     losses = [None] * info.world_size
     dist.all_gather_object(losses, float(out.loss))
     if info.is_main:

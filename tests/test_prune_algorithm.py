@@ -1,4 +1,4 @@
-"""LoRAPrune's pure algorithm (``loradrop_ds/prune.py``): hand-worked examples and brute-force
+"""LoRAPrune's pure algorithm (``loradrop_ds/prune_algorithm.py``): hand-worked examples and brute-force
 references written from the definitions, no DeepSpeed, no process group."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from loradrop_ds.prune import (
+from loradrop_ds.prune_algorithm import (
     PruneState,
     attention_group_scores,
     block_scores,

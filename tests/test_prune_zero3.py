@@ -1,4 +1,4 @@
-"""LoRAPrune in training (``prune:``, loradrop_ds.pruning) against references written from the
+"""LoRAPrune in training (``prune:``, loradrop_ds.prune_zero3) against references written from the
 rule: a 2-rank ZeRO-3 step's scores and masks against a single-process brute force in plain
 transformers; the CLI's masked model against plain peft with the pruned structures removed
 by hand; an exact resume after SIGKILL; the settings' checks."""
@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, finished_run_args, run_python, run_ranks
 from loradrop_ds import config as config_lib
-from loradrop_ds.prune import PruneState
-from loradrop_ds.pruning import update_steps
+from loradrop_ds.prune_algorithm import PruneState
+from loradrop_ds.prune_zero3 import update_steps
 from workers.common import rank_batches, tiny_config
 from workers.prune_step import PRUNE, TOTAL_STEPS
 
@@ -251,8 +251,8 @@ def test_pruned_export_of_a_cli_run_reloads_to_its_logits_in_plain_transformers(
 def test_chunked_importance_sums_reduce_like_the_full_matrix(module_name, monkeypatch):
     """The update reduces each module's importance block by block of rows (bounded scratch):
     its group vector equals the one from the full [out, in] matrix, formed here by hand."""
-    from loradrop_ds import pruning
-    from loradrop_ds.prune import module_group_scores
+    from loradrop_ds import prune_zero3
+    from loradrop_ds.prune_algorithm import module_group_scores
 
     gen = torch.Generator().manual_seed(3)
     out_f, in_f, r = (48, 64, 4) if module_name == "down_proj" else (64, 64, 4)
@@ -260,7 +260,7 @@ def test_chunked_importance_sums_reduce_like_the_full_matrix(module_name, monkey
     da, db = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
     full = ((db @ a + b @ da - db @ da) * (w + 2.0 * b @ a)).abs()
     monkeypatch.setattr(pruning, "CHUNK_ELEMENTS", 5 * in_f)  # 5-row blocks: the last one is short
-    reduced = pruning.importance_sums(module_name, w, a, b, da, db, 2.0)
+    reduced = prune_zero3.importance_sums(module_name, w, a, b, da, db, 2.0)
     heads = (4, 2, 16)
     torch.testing.assert_close(module_group_scores(module_name, reduced, *heads),
                                module_group_scores(module_name, full, *heads), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""LoRAPrune in the main stage under ZeRO-3: the distributed glue around :mod:`loradrop_ds.prune`.
+"""LoRAPrune in the main stage under ZeRO-3: the distributed glue around :mod:`loradrop_ds.prune_algorithm`.
 
 What runs where:
 
@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import prune as prune_lib
+from . import prune_algorithm as prune_lib
 from .lora import ADAPTER, WeightGradTap, lora_layers
 from .model import decoder_layers
 
