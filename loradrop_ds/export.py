@@ -56,6 +56,7 @@ import yaml
 from . import run_checkpoint as ckpt
 from .importance import Selection, sharing_plan
 from .lora import GAINS_FILE
+from .sizes import parse_size
 
 log = logging.getLogger(__name__)
 FORMATS = ("peft", "compact", "merged", "pruned")
@@ -64,7 +65,6 @@ SHARING_MAP = "sharing.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's, so sizes mean what they did
 # The Hub repository each builtin model was converted from: the model card's ``base_model``.
 BUILTIN_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as the Hub's model card metadata wants base_model
@@ -395,12 +395,11 @@ class _LoraFactors:
 
 
 def _shard_size_bytes(size: str | int) -> int:
-    """``--max-shard-size`` in bytes: an int, or digits and a unit (KB, MB, GB, TB: powers of 10)."""
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]B)\s*", str(size), re.IGNORECASE)
-        value = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]) if m else 0
+    """``--max-shard-size`` in bytes: an int, or a size in the project's one grammar (loradrop_ds.sizes)."""
+    try:
+        value = size if isinstance(size, int) else parse_size(str(size))
+    except ValueError:
+        value = 0
     if value <= 0:
         raise ExportError(f"--max-shard-size {size}: give a positive size such as 5GB or 500MB")
     return value

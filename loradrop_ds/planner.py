@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +36,7 @@ from .engine import SizeHints, load_ds_config
 from .model import BUILTIN_PREFIX, ModelError, builtin_model_dir, decoder_layers, load_model_config, module_info
 from .prune_algorithm import ATTN_MODULES, MLP_MODULES, exempt_layers
 from .prune_zero3 import CHUNK_ELEMENTS
+from .sizes import parse_size  # noqa: F401  (planner.parse_size: launch/plan.py --gpu-mem, --host-mem)
 
 GiB = 1 << 30
 
@@ -745,19 +745,6 @@ def rank0_peak_rss_cpu(spec: RunSpec, stage: StageEstimate) -> int:
 
 
 # --------------------------------------------------------------------------- the check
-
-
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b)\s*$", re.IGNORECASE)
-_UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``"80GB"`` -> 80e9 bytes, ``"80GiB"`` -> 80 * 2**30. A unit is required."""
-    match = _SIZE.match(text or "")
-    if not match:
-        raise ValueError(f"{text!r} is not a memory size; write e.g. 80GB, 80GiB or 512GB")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def ranks_per_node(default: int) -> int:
