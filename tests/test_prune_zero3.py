@@ -259,7 +259,7 @@ def test_chunked_importance_sums_reduce_like_the_full_matrix(module_name, monkey
     w, a, b = (torch.randn(s, generator=gen) for s in ((out_f, in_f), (r, in_f), (out_f, r)))
     da, db = torch.randn(r, in_f, generator=gen), torch.randn(out_f, r, generator=gen)
     full = ((db @ a + b @ da - db @ da) * (w + 2.0 * b @ a)).abs()
-    monkeypatch.setattr(pruning, "CHUNK_ELEMENTS", 5 * in_f)  # 5-row blocks: the last one is short
+    monkeypatch.setattr(prune_zero3, "CHUNK_ELEMENTS", 5 * in_f)  # 5-row blocks: the last one is short
     reduced = prune_zero3.importance_sums(module_name, w, a, b, da, db, 2.0)
     heads = (4, 2, 16)
     torch.testing.assert_close(module_group_scores(module_name, reduced, *heads),
