@@ -7,15 +7,15 @@ ImportanceRecorder, alternating, in one process (launched by bench/speed.py).
 
 Builds the sampling stage as launch/train.py does (load_model inside ZeRO-3, add_lora in
 every layer, create_engine with the sampling LR and a constant schedule, the sampling
-subset's micro-batches, train_stage), then runs ``--warmup`` steps (not counted) and
+subset's micro-batches, TrainingStage), then runs ``--warmup`` steps (not counted) and
 ``--pairs`` pairs of blocks of ``--block`` steps: one block with a fresh
 ``ImportanceRecorder(model, target_modules, device)`` (removed after the block), one
 without any hook. Both blocks of a pair start at the same data position, so they train
 on the same micro-batches; the order inside a pair alternates (with, without / without,
 with) so a drift of the machine hits both alike. The LoRA weights keep training across
 blocks (so the second block of a pair sees slightly different weights: irrelevant for
-the time). Per step: wall time from the end of the previous step (train_stage's
-``on_step``; each step ends with the loss all-reduce, a sync point). Also measures this
+the time). Per step: wall time from the end of the previous step (TrainingStage's
+loop body; each step ends with the loss all-reduce, a sync point). Also measures this
 rank's AdamW state bytes (from the optimizer's tensors) against the formula.
 """
 
@@ -47,7 +47,7 @@ def main() -> None:
     from loradrop_ds.lora import ImportanceRecorder, add_lora, trainable_parameter_count
     from loradrop_ds.metrics import MetricsLogger
     from loradrop_ds.model import load_model
-    from loradrop_ds.training import train_stage
+    from loradrop_ds.training import TrainingStage
 
     cfg = common.load_cfg(args.overrides)
     info = init_distributed(cfg.dist.timeout_minutes)
@@ -63,14 +63,14 @@ def main() -> None:
     batches = data_lib.MicroBatches(train_set, sample, cfg.data, cfg.train.micro_batch_size, info.rank,
                                     info.world_size, cfg.seed, tokenizer.pad_token_id)
     scratch = tempfile.mkdtemp(prefix="hooks-metrics-")
-    logger = MetricsLogger(scratch, enabled=info.is_main)  # train_stage logs each step, as in the CLI
+    logger = MetricsLogger(scratch, enabled=info.is_main)  # TrainingStage logs each step, as in the CLI
 
     def block(steps: int, with_hooks: bool) -> list[float]:
         recorder = ImportanceRecorder(model, cfg.lora.target_modules, info.device) if with_hooks else None
         marks = [time.perf_counter()]
-        train_stage(engine, batches, steps, stage="sampling", info=info, logger=logger,
-                    log_every=cfg.train.log_every, recorder=recorder,
-                    on_step=lambda step, loss: marks.append(time.perf_counter()))
+        for _step, _loss in TrainingStage(engine, batches, steps, stage="sampling", info=info, logger=logger,
+                                          log_every=cfg.train.log_every, recorder=recorder):
+            marks.append(time.perf_counter())
         if recorder is not None:
             recorder.remove()
         return [b - a for a, b in zip(marks, marks[1:], strict=False)]

@@ -8,13 +8,13 @@ parameters on all ranks (a collective), copy them to CPU, and write from rank 0.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .atomic import staged_dir
 
 
 def _gathered(params: list[nn.Parameter]):
@@ -50,18 +50,6 @@ def gather_lora_state(model: nn.Module, copy_here: bool = True) -> dict[str, tor
     return bake_shared_gains(state)
 
 
-def replace_dir_atomically(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` directory to ``final``; an existing ``final`` is
-    swapped out first and removed only after the new one is in place."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
                  state: Optional[dict[str, torch.Tensor]] = None) -> Optional[Path]:
     """Write ``model`` (a peft model, possibly under ZeRO-3) as a standard PEFT adapter
@@ -80,9 +68,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
     if not is_main:
         return None
     final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    with staged_dir(final) as tmp:
         adapter_state = get_peft_model_state_dict(model, state_dict=state)
         if not adapter_state:
             raise RuntimeError("no LoRA weights found to save")
@@ -96,8 +82,4 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, is_main: bool,
         save_file(adapter_state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         if extras:
             save_file(extras, tmp / GAINS_FILE, metadata={"format": "pt"})
-        replace_dir_atomically(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

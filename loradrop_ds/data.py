@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import string
 import tempfile
 import uuid
@@ -34,6 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from .atomic import staged_dir
 from .config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -491,9 +491,8 @@ def prepare_tokenized(path_or_name: str, key: str, tokenizer: Any, cfg: DataConf
             raise DataError(f"{key}: the tokenised cache entry {entry} is missing on this node after local rank 0 "
                             "built it; is $LORADROP_CACHE on storage every rank of this node sees?")
         num_proc = cfg.num_proc or default_num_proc(len(table))
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key_hash}-", dir=entry.parent))
-        try:
+        # "keep": another node on shared storage may finish the same entry first.
+        with staged_dir(entry, if_exists="keep") as tmp:
             tokenized = tokenize_table(table, tokenizer, cfg, key, label_names,
                                        num_proc=num_proc if num_proc > 1 else None, cache_file=str(tmp / "map.arrow"))
             tokenized.rows.save_to_disk(str(tmp / "rows"))
@@ -502,12 +501,6 @@ def prepare_tokenized(path_or_name: str, key: str, tokenizer: Any, cfg: DataConf
             meta = {"source": path_or_name, "key": key, "label_names": label_names,
                     "label_token_ids": tokenized.label_token_ids, "num_rows": len(tokenized)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            os.rename(tmp, entry)
-        except OSError:  # another node (shared storage) finished the same entry first
-            if not (entry / "meta.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info("%s: %d rows tokenised into %s", key, len(tokenized), entry)
     meta = json.loads((entry / "meta.json").read_text())
     rows = datasets.load_from_disk(str(entry / "rows"))

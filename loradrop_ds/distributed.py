@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TypeVar
 import torch
 import torch.distributed as dist
 
+from .faults import fault_point
 from .importance import ImportanceStats, Selection
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,13 @@ def run_on_every_rank(info: DistInfo, step: str, fn: Callable[[], T],
 
     ``fn`` must not itself run collectives that other ranks could skip: it is the
     rank-local part of a step (reading files, computing, writing). The exchange is one
-    ``all_gather_object``, so it also serves as the barrier after the step.
+    ``all_gather_object``, so it also serves as the barrier after the step. Each step is
+    also a test fault point by its name (``loradrop_ds.faults``).
     """
     result: Any = None
     outcome: tuple[bool, Any]
     try:
+        fault_point(info, step)
         result = fn()
         outcome = (True, result if gather else None)
     except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks

@@ -465,3 +465,41 @@ def format_count(n: int | float) -> str:
         if round(abs(value), 2) < 1000 or suffix == _SUFFIXES[-1]:
             return f"{value:.2f}{suffix}"
     raise AssertionError("unreachable")
+
+
+def setup_logging(is_main: bool) -> None:
+    """INFO on rank 0, WARNING elsewhere; the libraries' per-step noise off."""
+    import warnings
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step.
+    warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).*deprecated",
+                            category=FutureWarning)
+    # peft 0.21 asks transformers 5.x for `is_gradient_checkpointing`, deprecated there, at every wrap.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def summary_text(summary: dict) -> str:
+    """The few lines a run ends with, from its summary.json."""
+    def acc(d: dict) -> str:
+        return f"{d['eval_accuracy']:.1%}" if "eval_accuracy" in d else "n/a"
+
+    zero, final = summary.get("zero_shot", {}), summary.get("final", {})
+    lines = ["", "=== loradrop_ds run summary ==="]
+    if zero or final:
+        lines.append(f"accuracy: zero-shot {acc(zero)} -> final {acc(final)}   eval loss "
+                     f"{zero.get('eval_loss', float('nan')):.4f} -> {final.get('eval_loss', float('nan')):.4f}")
+    if "kept_layers" in summary:
+        lines.append(f"kept layers ({len(summary['kept_layers'])} of {summary['num_layers']}): {summary['kept_layers']}")
+    lines.append(f"trainable parameters: {format_count(summary['trainable_params'])} vs plain LoRA "
+                 f"{format_count(summary['plain_lora_params'])} "
+                 f"({100.0 * summary['trainable_params'] / summary['plain_lora_params']:.1f}%)")
+    lines.append(f"wall time: {summary['wall_seconds_this_process']:.0f} s"
+                 + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""))
+    return "\n".join(lines)

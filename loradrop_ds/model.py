@@ -14,8 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from .atomic import staged_dir
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -95,21 +94,10 @@ def prepare_builtin_model(name: str) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-    try:
+    # "keep": another machine sharing this cache may finish first; its copy is identical.
+    with staged_dir(out, if_exists="keep") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            # Another machine sharing this cache finished first; its copy is identical.
-            if not (out / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

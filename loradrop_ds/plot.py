@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
-from pathlib import Path
+
+from .atomic import atomic_write_file
 
 KEPT_COLOUR = "tab:blue"
 SHARED_COLOUR = "tab:gray"
@@ -140,14 +140,5 @@ def plot_selection_history(path: str | os.PathLike, labels: list[str], history: 
 
 
 def _save_atomic(fig, path: str | os.PathLike) -> None:
-    # Atomic write: a reader (or a crash mid-save) never sees a truncated PNG.
-    # A plain open() (not mkstemp) keeps the usual umask-derived permissions.
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=100)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # A reader (or a crash mid-save) never sees a truncated PNG.
+    atomic_write_file(path, lambda f: fig.savefig(f, format="png", dpi=100))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -53,7 +54,10 @@ from torch import nn
 
 from . import prune_algorithm as prune_lib
 from .lora import ADAPTER, WeightGradTap, lora_layers
+from .metrics import format_count
 from .model import decoder_layers
+
+log = logging.getLogger(__name__)
 
 PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
 STATE_FILE = "state.safetensors"  # PruneState: EMA scores, masks, update count
@@ -271,6 +275,16 @@ class Pruner:
                 "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"],
                 "kept_groups": [int(self.state.masks[i]["attn"].sum()) for i in range(s.num_layers)],
                 "kept_channels": [int(self.state.masks[i]["mlp"].sum()) for i in range(s.num_layers)]}
+
+    def log_summary(self, summary: dict) -> None:
+        """What the run pruned, at its end (``summary``: :meth:`summary`'s result)."""
+        log.info("LoRAPrune: %d of %d KV groups and %d of %d MLP channels per layer kept (layers %s exempt); "
+                 "%s base parameters removed", min(summary["kept_groups"]), self.shape.num_kv_heads,
+                 min(summary["kept_channels"]), self.shape.intermediate, self.exempt,
+                 format_count(summary["base_params_removed"]))
+        if self.exempt:
+            log.info("LoRAPrune: exempt layers keep full width, and `launch/export.py --format pruned` writes every "
+                     "layer at the widest layer's width: the exported model is no smaller (README: Export)")
 
 
 COLUMN_MODULES = ("o_proj", "down_proj")  # grouped by input columns; the others by output rows

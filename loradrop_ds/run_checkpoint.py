@@ -37,6 +37,8 @@ from typing import Any, Optional
 
 import torch
 
+from .atomic import atomic_write_text
+from .faults import fault_point
 from .importance import ImportanceStats
 
 log = logging.getLogger(__name__)
@@ -107,13 +109,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 # ------------------------------------------------------------------------- writing
 
 
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _sizes(root: Path, files: list[Path]) -> dict[str, int]:
     return {str(f.relative_to(root)): f.stat().st_size for f in files}
 
@@ -142,7 +137,6 @@ def _deepspeed_files(tmp: Path, rank: int, is_main: bool) -> list[Path]:
 
 def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, keep_last: int,
                         stats: Optional[ImportanceStats] = None,
-                        on_point: Optional[Callable[[str], None]] = None,
                         write_extra: Optional[Callable[[Path], list[Path]]] = None) -> Path:
     """Write a checkpoint of the current engine and run state. Call on every rank.
 
@@ -150,8 +144,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     from those reports (not from a listing of the shared directory, where another node's
     files may not be visible yet), writes it last and renames the directory into place.
     A failure on any rank is raised on every rank (``run_on_every_rank``).
-    ``on_point(name)`` is called on every rank at "before-marker" and "before-rename"
-    (test fault injection). ``write_extra(dir)`` runs on rank 0 and returns the files it
+    "before-marker:NAME" and "before-rename:NAME" are test fault points (``faults``).
+    ``write_extra(dir)`` runs on rank 0 and returns the files it
     wrote into the checkpoint (LoRAPrune's state and masks); they join the manifest.
     """
     from . import distributed
@@ -160,7 +154,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     root = Path(out_dir) / CHECKPOINTS
     name = checkpoint_name(state.stage, state.step)
     tmp, final = root / f".tmp-{name}", root / name
-    point = on_point or (lambda _: None)
+    point = lambda where: fault_point(info, f"{where}:{name}")  # noqa: E731
 
     def make_tmp() -> None:
         if info.is_main:
@@ -192,7 +186,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             adapter = save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
             torch.save(full_state, tmp / FULL_STATE)
             written.append(tmp / FULL_STATE)
-            _fsync_write(tmp / "state.json", json.dumps(asdict(state), indent=2))
+            atomic_write_text(tmp / "state.json", json.dumps(asdict(state), indent=2), fsync=True)
             written += [f for f in sorted(adapter.rglob("*")) if f.is_file()] + [tmp / "state.json"]
             if write_extra is not None:
                 written += write_extra(tmp)
@@ -205,7 +199,8 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
         if not info.is_main:
             return
         files = {rel: size for rank_files in per_rank for rel, size in rank_files.items()}
-        _fsync_write(tmp / MARKER, json.dumps({"name": name, "files": dict(sorted(files.items()))}, indent=2))
+        manifest = {"name": name, "files": dict(sorted(files.items()))}
+        atomic_write_text(tmp / MARKER, json.dumps(manifest, indent=2), fsync=True)
         point("before-rename")
         if final.exists():  # a re-save of the same step (after a resume): replace it whole
             shutil.rmtree(final)
@@ -493,6 +488,25 @@ def load_engine_state(engine: Any, path: Path) -> None:
         raise CheckpointError(f"DeepSpeed could not load {path}/ds")
 
 
+def restore_engine(engine: Any, batches: Any, path: Path, state: RunState, info: Any, seed: int) -> None:
+    """Weights, optimizer, scheduler, RNG and data position from checkpoint ``path`` (whose
+    state is ``state``) into ``engine`` and ``batches`` (a ``data.MicroBatches``). On the
+    checkpoint's number of ranks: DeepSpeed's own per-rank shards, exactly. On another: its
+    rank-independent full_state.pt, each rank's RNG seeded afresh, and the data position
+    mapped to the same place in the same epoch order."""
+    if state.world_size == info.world_size:
+        load_engine_state(engine, path)
+        batches.stream.position = state.stream_position
+    else:
+        load_full_state(engine, path)
+        old_group = state.config["train"]["micro_batch_size"] * state.world_size
+        batches.stream.position = map_stream_position(state.stream_position, len(batches.stream.items),
+                                                      old_group, batches.stream.group)
+        log.info("resumed on %d ranks from a checkpoint of %d: data position %d -> %d", info.world_size,
+                 state.world_size, state.stream_position, batches.stream.position)
+    restore_rng(path, info, state, seed)
+
+
 def restore_rng(path: Path, info: Any, state: Optional[RunState] = None, seed: int = 0) -> None:
     """Each rank's RNG as saved; on another number of ranks (``state.world_size`` differs)
     per-rank states cannot be mapped, so each rank is seeded afresh from (seed, stage,
@@ -549,6 +563,4 @@ def truncate_metrics(out_dir: Path, stage: str, step: int) -> None:
         order = STAGES.index(rec_stage) if rec_stage in STAGES else (0 if rec_stage == "zero_shot" else 1)
         if (order, rec.get("step", 0)) <= limit:
             kept.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -1,11 +1,11 @@
-"""The optimisation loop shared by both stages, and evaluation."""
+"""The optimisation loop of both stages, as an iterator the recipe drives, and evaluation."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
 from .distributed import DistInfo
 from .engine import forget_zero3_trace
+from .faults import fault_point
 from .metrics import MetricsLogger, progress_bar
 
 
@@ -32,90 +33,107 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
     return float(total) / dist.get_world_size()
 
 
-def train_stage(
-    engine: Any,
-    batches: Iterator[dict[str, torch.Tensor]],
-    steps: int,
-    *,
-    stage: str,
-    info: DistInfo,
-    logger: MetricsLogger,
-    log_every: int = 1,
-    start_step: int = 0,
-    recorder: Optional[Any] = None,
-    on_step: Optional[Callable[[int, float], Optional[bool]]] = None,
-) -> StageResult:
-    """Run optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each
-    (``start_step > 0`` continues a resumed stage; ``batches`` must be positioned to match).
+@dataclass
+class TrainingStage:
+    """Optimizer steps ``start_step + 1 .. steps`` of ``grad_accum`` micro-batches each,
+    driven by the recipe::
+
+        stage = TrainingStage(engine, batches, steps, stage="main", info=info, logger=logger)
+        for step, loss in stage:
+            ...  # checkpoints, evals, selection checks, prune updates: in order, here
+        result = stage.result()
+
+    Iterating runs one step and yields ``(step, mean loss over all ranks)``; a ``break``
+    ends the stage there (``sampling_steps=auto``: every rank must break at the same step).
+    ``start_step > 0`` continues a resumed stage; ``batches`` must be positioned to match.
     Each batch holds the model's inputs and ``token_mask``, the real tokens (the ones
     counted in throughput and in the LoRA-drop statistics).
 
     ``engine.backward`` scales each micro-batch loss by ``1/grad_accum`` and averages
-    gradients over ranks, so a step's gradient is the mean of the micro-batch means.
-    With a ``recorder`` (an :class:`ImportanceRecorder`, or LoRAPrune's ``Pruner``), each
+    gradients over ranks, so a step's gradient is the mean of the micro-batch means. With
+    a ``recorder`` (an :class:`ImportanceRecorder`, or LoRAPrune's ``Pruner``), each
     micro-batch's forward runs inside ``recorder.recording(token_mask)``, and
-    ``recorder.begin_step(step)`` is called before each step when it has one. ``on_step(step,
-    loss)`` runs after every step (checkpoints, periodic eval); if it returns True the
-    stage ends there (``sampling_steps=auto``: it must return the same on every rank). Its
-    time is not in the logged ``seconds_per_step`` and ``tokens_per_s_per_rank``.
+    ``recorder.begin_step(step)`` is called before each step when it has one. What the
+    recipe does between two steps is not in the logged ``seconds_per_step`` and
+    ``tokens_per_s_per_rank``. After it, ``STAGE:STEP`` is a test fault point
+    (``loradrop_ds.faults``).
     """
-    engine.train()
-    grad_accum = engine.gradient_accumulation_steps()
-    if info.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(info.device)
-    losses: list[float] = []
-    tokens_total = 0
-    bar = progress_bar(steps, desc=stage, enabled=info.is_main)
-    bar.update(start_step)
-    start = window_start = time.perf_counter()
-    window_tokens = window_steps = 0
-    for step in range(start_step + 1, steps + 1):
-        # The loss stays on the device until the one all-reduce per step: no host sync
-        # per micro-batch.
-        step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-        if hasattr(recorder, "begin_step"):
-            recorder.begin_step(step)
-        for _ in range(grad_accum):
-            batch = next(batches)
-            n = int(batch["token_mask"].sum())  # counted on the host, before the copy
-            window_tokens += n
-            tokens_total += n
-            batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
-            token_mask = batch.pop("token_mask")
-            record = recorder.recording(token_mask) if recorder else contextlib.nullcontext()
-            with record:
-                out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-            step_loss += out.loss.detach().to(torch.float64) / grad_accum
-        mean_loss = _mean_over_ranks(step_loss)  # also a sync point: step times below are whole steps
-        losses.append(mean_loss)
-        window_steps += 1
-        if step % log_every == 0 or step == steps:
-            now = time.perf_counter()
-            record_ = {
-                "stage": stage,
-                "loss": mean_loss,
-                "lr": engine.get_lr()[0],
-                "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
-                "seconds_per_step": (now - window_start) / window_steps,
-                "grad_norm": _grad_norm(engine),
-                "peak_memory_gib": peak_memory_gib(info.device),
-            }
-            logger.log(record_, step=step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record_['lr']:.2e}")
-            window_start, window_tokens, window_steps = now, 0, 0
-        bar.update(1)
-        if on_step is not None:
-            # What on_step does (checkpoints, evals, selection checks, prune updates) is not
-            # step time: the timing window skips it (each logs its own time where it matters).
-            paused = time.perf_counter()
-            stop = on_step(step, mean_loss)
-            window_start += time.perf_counter() - paused
-            if stop:
-                break
-    bar.close()
-    return StageResult(len(losses), losses, tokens_total, time.perf_counter() - start)
+
+    engine: Any
+    batches: Iterator[dict[str, torch.Tensor]]
+    steps: int
+    stage: str
+    info: DistInfo
+    logger: MetricsLogger
+    log_every: int = 1
+    start_step: int = 0
+    recorder: Optional[Any] = None
+    losses: list[float] = field(default_factory=list)  # mean loss over all ranks at every step run
+    tokens_per_rank: int = 0
+    started: Optional[float] = None
+
+    def __iter__(self) -> Iterator[tuple[int, float]]:
+        engine, info, recorder = self.engine, self.info, self.recorder
+        engine.train()
+        grad_accum = engine.gradient_accumulation_steps()
+        if info.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(info.device)
+        bar = progress_bar(self.steps, desc=self.stage, enabled=info.is_main)
+        bar.update(self.start_step)
+        self.started = window_start = time.perf_counter()
+        window_tokens = window_steps = 0
+        try:
+            for step in range(self.start_step + 1, self.steps + 1):
+                # The loss stays on the device until the one all-reduce per step: no host
+                # sync per micro-batch.
+                step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+                if hasattr(recorder, "begin_step"):
+                    recorder.begin_step(step)
+                for _ in range(grad_accum):
+                    batch = next(self.batches)
+                    n = int(batch["token_mask"].sum())  # counted on the host, before the copy
+                    window_tokens += n
+                    self.tokens_per_rank += n
+                    batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
+                    token_mask = batch.pop("token_mask")
+                    with recorder.recording(token_mask) if recorder else contextlib.nullcontext():
+                        out = engine(**batch)
+                    engine.backward(out.loss)
+                    engine.step()
+                    step_loss += out.loss.detach().to(torch.float64) / grad_accum
+                mean_loss = _mean_over_ranks(step_loss)  # also a sync point: step times below are whole steps
+                self.losses.append(mean_loss)
+                window_steps += 1
+                if step % self.log_every == 0 or step == self.steps:
+                    now = time.perf_counter()
+                    record = {
+                        "stage": self.stage,
+                        "loss": mean_loss,
+                        "lr": engine.get_lr()[0],
+                        "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
+                        "seconds_per_step": (now - window_start) / window_steps,
+                        "grad_norm": _grad_norm(engine),
+                        "peak_memory_gib": peak_memory_gib(info.device),
+                    }
+                    self.logger.log(record, step=step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                    window_start, window_tokens, window_steps = now, 0, 0
+                bar.update(1)
+                # What the recipe does now (checkpoints, evals, selection checks, prune
+                # updates) is not step time: the timing window skips it (each logs its own
+                # time where it matters).
+                paused = time.perf_counter()
+                yield step, mean_loss
+                window_start += time.perf_counter() - paused
+                fault_point(info, f"{self.stage}:{step}")
+        finally:
+            bar.close()
+
+    def result(self) -> StageResult:
+        """The steps run so far by this call, their losses, tokens and wall time (including
+        what the recipe did between steps)."""
+        seconds = time.perf_counter() - self.started if self.started is not None else 0.0
+        return StageResult(len(self.losses), list(self.losses), self.tokens_per_rank, seconds)
 
 
 def peak_memory_gib(device: torch.device) -> float:

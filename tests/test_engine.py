@@ -168,8 +168,8 @@ def test_training_after_an_evaluation_gathers_what_it_gathers_without_one(tiny_m
 
 
 def test_step_times_leave_out_what_runs_between_steps(tiny_model, tmp_path):
-    """Checkpoints, evaluations, selection checks and LoRAPrune updates run in on_step; the
-    clock jumps 1000 s inside each one, and no logged step time or throughput may see it."""
+    """Checkpoints, evaluations, selection checks and LoRAPrune updates run in the recipe's
+    loop body between steps; the clock jumps 1000 s inside each one, and no logged step time or throughput may see it."""
     run_ranks(REPO / "tests" / "workers" / "step_timing.py", [str(tiny_model), str(tmp_path)], nproc=1)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("stage") == "main"]

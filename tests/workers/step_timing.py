@@ -1,8 +1,9 @@
-"""train_stage's step timing leaves out what on_step does, on a real ZeRO-3 engine.
+"""TrainingStage's step timing leaves out what the recipe does between steps, on a real
+ZeRO-3 engine.
 
 torchrun --nproc_per_node 1 tests/workers/step_timing.py MODEL_DIR OUT_DIR
-The clock train_stage reads jumps by 1000 s inside every on_step (as a long checkpoint or
-evaluation would take); metrics.jsonl is written to OUT_DIR."""
+The clock TrainingStage reads jumps by 1000 s in the loop body after every step (as a long
+checkpoint or evaluation would take); metrics.jsonl is written to OUT_DIR."""
 
 import sys
 import time
@@ -35,15 +36,12 @@ def main(model_dir: str, out_dir: str) -> None:
     offset = [0.0]
     training.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
 
-    def on_step(step: int, loss: float) -> bool:
-        offset[0] += JUMP
-        return False
-
     logger = MetricsLogger(out_dir, enabled=info.is_main)
-    result = training.train_stage(engine, batches(), 4, stage="main", info=info, logger=logger, log_every=1,
-                                  on_step=on_step)
+    stage = training.TrainingStage(engine, batches(), 4, stage="main", info=info, logger=logger, log_every=1)
+    for _step, _loss in stage:
+        offset[0] += JUMP
     logger.close()
-    assert result.steps == 4
+    assert stage.result().steps == 4
     distributed.exit_process(0)
 
 
