@@ -42,8 +42,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from loradrop_ds import data as data_lib
+    from loradrop_ds.deepspeed_private import release_engine
     from loradrop_ds.distributed import init_distributed, shutdown
-    from loradrop_ds.engine import create_engine, lr_lambda, release_engine
+    from loradrop_ds.engine import create_engine, lr_lambda
     from loradrop_ds.lora import ImportanceRecorder, add_lora, trainable_parameter_count
     from loradrop_ds.metrics import MetricsLogger
     from loradrop_ds.model import load_model

@@ -50,8 +50,9 @@ from loradrop_ds import data as data_lib  # noqa: E402
 from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
 from loradrop_ds.atomic import atomic_write_text  # noqa: E402
 from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths  # noqa: E402
+from loradrop_ds.deepspeed_private import release_engine  # noqa: E402
 from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank  # noqa: E402
-from loradrop_ds.engine import create_engine, lr_lambda, release_engine  # noqa: E402
+from loradrop_ds.engine import create_engine, lr_lambda  # noqa: E402
 from loradrop_ds.errors import USER_ERRORS  # noqa: E402
 from loradrop_ds.importance import (  # noqa: E402
     Selection,

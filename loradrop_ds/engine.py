@@ -1,27 +1,19 @@
-"""DeepSpeed engines: the config a recipe resolves, building an engine around a LoRA
-model, and tearing it down without leaking the model."""
+"""DeepSpeed engines: the config a recipe resolves and building an engine around a LoRA
+model (tearing one down, which needs DeepSpeed internals, is in ``deepspeed_private``)."""
 
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from .config import Config, ConfigError
-
-# Per-module attributes DeepSpeed's ZeRO-3 registration leaves on every module and that
-# engine.destroy() does not remove (parameter_offload.py, DeepSpeed 0.19.8). The two
-# autograd Functions close over the old engine's offload object: a new engine on the same
-# module would keep calling the old parameter coordinator in backward, because
-# registration only creates them `if "pre_bwd_fn" not in module.__dict__`.
-_ZERO3_MODULE_STATE = ("pre_bwd_fn", "post_bwd_fn", "applied_pre_backward_ref_cnt", "ds_grads_remaining")
 
 
 @dataclass
@@ -166,92 +158,3 @@ def create_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_dec
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     return engine
-
-
-def _lru_cache_of(fn: Any) -> Any:
-    """The ``functools.lru_cache`` wrapper under ``fn``'s decorators. DeepSpeed's
-    ``instrument_w_nvtx`` wraps without ``functools.wraps``, so the cache is found in the
-    wrapper's closure rather than through ``__wrapped__``."""
-    seen = set()
-    while fn is not None and id(fn) not in seen and not hasattr(fn, "cache_clear"):
-        seen.add(id(fn))
-        inner = getattr(fn, "__wrapped__", None)
-        if inner is None:
-            cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
-            inner = next((c for c in cells if callable(c)), None)
-        fn = inner
-    return fn if fn is not None and hasattr(fn, "cache_clear") else None
-
-
-def _clear_release_cache() -> None:
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-    cached = _lru_cache_of(getattr(PartitionedParameterCoordinator,
-                                   "_PartitionedParameterCoordinator__params_to_release", None))
-    if cached is not None:
-        cached.cache_clear()
-
-
-def forget_zero3_trace(engine: Any) -> None:
-    """After evaluation: make ZeRO-3 record its module trace afresh at the next forward and
-    drop the release decisions computed from the old one.
-
-    DeepSpeed 0.19.8 keeps one trace per engine (``PartitionedParameterCoordinator``, reset
-    at every forward by ``parameter_offload``'s ``_start_of_forward_hook``). An evaluation
-    on a fresh engine (the zero-shot score of a plain-LoRA run, before its first step)
-    records a forward-only trace; the first training backward invalidates it and a new
-    one is recorded, but ``__params_to_release`` is an ``lru_cache`` keyed on (coordinator,
-    module, step) that ``_invalidate_trace`` never clears, so the training steps go on
-    using release decisions made for the forward-only trace: parameters are released and
-    gathered again. Measured on 2 CPU ranks (SmolLM2-135M, plain LoRA): 3.64 s/step after
-    a zero-shot eval against 2.96 without one (bench/RESULTS.md)."""
-    offload = getattr(engine.optimizer, "parameter_offload", None)
-    if offload is None:
-        return
-    coordinator = offload.get_param_coordinator()
-    if not coordinator.is_invalid_trace():
-        coordinator._invalidate_trace()
-    _clear_release_cache()
-
-
-def release_engine(engine: Any, keep_model: bool = False) -> Optional[torch.nn.Module]:
-    """Destroy an engine so that its model can be freed, or reused by a new engine.
-
-    DeepSpeed 0.19.8's ``destroy()`` leaves two references behind: the root module in
-    the module-level ``FWD_MODULE_STACK`` of ``parameter_offload``, and a class-level
-    ``lru_cache`` on ``PartitionedParameterCoordinator.__params_to_release`` whose
-    keys hold the coordinator (and through it every parameter). We clear both. The
-    caller must drop its own references (engine, model, optimizer) as well.
-
-    ``keep_model=True`` returns the model, still ZeRO-3 partitioned, ready for
-    ``deepspeed.initialize`` again: every non-persistent parameter is first released
-    back to its shard, and the per-module hook state and per-parameter optimizer link
-    that ``destroy()`` leaves (see ``_ZERO3_MODULE_STATE``) are removed, so the old
-    optimizer is freed now and the new engine registers its own hooks.
-    """
-    from deepspeed.runtime.zero import parameter_offload
-
-    module = engine.module
-    if keep_model:
-        engine.empty_partition_cache()
-    engine.destroy()
-    stack = parameter_offload.FWD_MODULE_STACK
-    stack[:] = [m for m in stack if m is not module]
-    _clear_release_cache()
-    if keep_model:
-        for m in module.modules():
-            for attr in _ZERO3_MODULE_STATE:
-                m.__dict__.pop(attr, None)
-        module.__dict__.pop("ds_inflight_param_registry", None)
-        for p in module.parameters():
-            # stage3.py `_link_all_hp_params` points every parameter, frozen ones included,
-            # at the optimizer: left in place it keeps the old optimizer state (and the old
-            # LoRA) alive until the next engine overwrites it.
-            if hasattr(p, "_z3_optimizer"):
-                del p._z3_optimizer
-    else:
-        module = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return module

@@ -236,7 +236,7 @@ def strip_lora(model: nn.Module) -> nn.Module:
     """The base model of a peft LoRA model, with every LoRA layer removed and nothing
     merged (peft's ``unload``): under ZeRO-3 its frozen parameters stay partitioned, so
     the main stage can be built on the sampling stage's base without reading it again.
-    Call after the model's engine is released (``engine.release_engine(keep_model=True)``)."""
+    Call after the model's engine is released (``deepspeed_private.release_engine(keep_model=True)``)."""
     base = model.unload()
     # peft re-registers its input-embedding hook (for activation checkpointing) on the
     # next wrap; drop the old one so the rebuilt model has exactly the hooks of a fresh one.

@@ -38,6 +38,7 @@ from typing import Any, Optional
 import torch
 
 from .atomic import atomic_write_text
+from .deepspeed_private import create_adam_state, set_own_partition
 from .faults import fault_point
 from .importance import ImportanceStats
 
@@ -414,23 +415,6 @@ def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
             "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
 
 
-def _set_own_partition(param: Any, value: torch.Tensor, optim_state_key: Optional[str]) -> None:
-    """This rank's slice of ``value`` into its ZeRO-3 partition of ``param``'s fp32 master
-    (``optim_state_key=None``) or Adam moment. DeepSpeed 0.19.8's ``set_full_hp_param``
-    (``stage3.py``, behind ``safe_set_full_*``) narrows the full value at ``rank * partition
-    size`` without padding, which fails on the last ranks when the size does not divide by
-    the number of ranks (SmolLM2 at r = 8 on 5 ranks, Llama on 3 or 24): the others would
-    then wait in the next collective. Here the slice is clamped and the padding zeroed."""
-    opt = param._z3_optimizer
-    partition, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                     optim_state_key=optim_state_key)
-    start = partition.numel() * opt._get_param_partition_rank(param)
-    piece = value.flatten()[start:start + partition.numel()]
-    with torch.no_grad():
-        partition.zero_()
-        partition[: piece.numel()].copy_(piece)
-
-
 def load_full_state(engine: Any, path: Path) -> None:
     """Resume on another number of ranks: ``full_state.pt`` back into a freshly built
     engine (each rank keeps its own partition of it). Call on every rank."""
@@ -440,11 +424,7 @@ def load_full_state(engine: Any, path: Path) -> None:
     saved = torch.load(Path(path) / FULL_STATE, weights_only=True)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for flat in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []):  # AdamW creates its state lazily
-        st = inner.state[flat]
-        st.setdefault("step", torch.zeros((), dtype=torch.float32))
-        for key in ("exp_avg", "exp_avg_sq"):
-            st.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
+    create_adam_state(engine)
     if sorted(n for n, _ in trainable) != sorted(saved["params"]):
         raise CheckpointError(f"{path}/{FULL_STATE} holds other trainable parameters than this run builds")
     for name, p in trainable:
@@ -452,7 +432,7 @@ def load_full_state(engine: Any, path: Path) -> None:
         full = saved["params"][name]
         if hasattr(p, "_z3_optimizer"):
             for key in (None, "exp_avg", "exp_avg_sq"):
-                _set_own_partition(p, full["fp32" if key is None else key].to(device), key)
+                set_own_partition(p, full["fp32" if key is None else key].to(device), key)
         else:
             safe_set_full_fp32_param(p, full["fp32"].to(device))
             for key in ("exp_avg", "exp_avg_sq"):

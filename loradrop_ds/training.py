@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
+from .deepspeed_private import forget_zero3_trace
 from .distributed import DistInfo
-from .engine import forget_zero3_trace
 from .faults import fault_point
 from .metrics import MetricsLogger, progress_bar
 

@@ -10,7 +10,8 @@ import json
 import sys
 
 from loradrop_ds import distributed
-from loradrop_ds.engine import create_engine, lr_lambda, release_engine
+from loradrop_ds.deepspeed_private import release_engine
+from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import build_main_lora, lora_layers
 from loradrop_ds.model import load_model

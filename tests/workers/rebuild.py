@@ -26,7 +26,8 @@ import torch
 from safetensors.torch import save_file
 
 from loradrop_ds import adapter_io, distributed
-from loradrop_ds.engine import create_engine, lr_lambda, release_engine
+from loradrop_ds.deepspeed_private import release_engine
+from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, build_main_lora, strip_lora
 from loradrop_ds.model import load_model, load_tokenizer
