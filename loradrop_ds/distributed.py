@@ -193,20 +193,26 @@ def all_reduce_stats(stats: ImportanceStats, device: torch.device) -> Importance
     return ImportanceStats(list(stats.module_names), packed[0].clone(), packed[1].clone(), packed[2].clone())
 
 
+def check_same_on_every_rank(info: DistInfo, view: Any, error: Callable[[int, Any, Any], Exception]) -> None:
+    """The one cross-rank agreement check: every rank's ``view`` (small and picklable: a
+    fingerprint, a tuple of sizes) is compared with rank 0's, and if the lowest rank R
+    that differs exists, every rank raises ``error(R, R's view, rank 0's view)``: the same
+    exception on every rank, so no rank goes on alone. One ``all_gather_object``."""
+    views = [view]
+    if info.world_size > 1:
+        views = [None] * info.world_size
+        dist.all_gather_object(views, view)
+    differs = next((rank for rank, v in enumerate(views) if v != views[0]), None)
+    if differs is not None:
+        raise error(differs, views[differs], views[0])
+
+
 def check_selection_agreement(selection: Selection, info: DistInfo) -> None:
     """Raise :class:`SelectionMismatchError` on *every* rank unless all ranks hold the
-    same selection (compared through its fingerprint: min == max across ranks)."""
-    digest = bytes.fromhex(selection.fingerprint())
-    words = [int.from_bytes(digest[i:i + 8], "little", signed=True) for i in range(0, 32, 8)]
-    local = torch.tensor(words, dtype=torch.int64, device=info.device)
-    lo, hi = local.clone(), local.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise SelectionMismatchError(
-            f"rank {info.rank}: ranks disagree on the LoRA-drop selection (this rank kept {selection.kept}); "
-            "the statistics or the broadcast differ between ranks. Refusing to rebuild the model."
-        )
+    same selection (compared through its fingerprint)."""
+    check_same_on_every_rank(info, selection.fingerprint(), lambda rank, _theirs, _ref: SelectionMismatchError(
+        f"rank {rank} holds another LoRA-drop selection than rank 0 (rank {info.rank} kept {selection.kept}); the "
+        "statistics or the broadcast differ between ranks. Refusing to rebuild the model."))
 
 
 def barrier() -> None:

@@ -27,7 +27,7 @@ from . import data as data_lib
 from . import planner
 from . import run_checkpoint as ckpt
 from .atomic import atomic_write_text
-from .distributed import DistInfo, run_on_every_rank
+from .distributed import DistInfo, check_same_on_every_rank, run_on_every_rank
 from .engine import SizeHints, load_ds_config
 from .errors import USER_ERRORS
 from .importance import ParamCosts, check_selection_request, lora_param_count
@@ -87,11 +87,9 @@ def preflight(cfg: config_lib.Config, info: DistInfo) -> Inputs:
             (out_dir / marker).unlink(missing_ok=True)
     # Every rank must see the same data: a node whose copy of a file (or tokenizer) differs
     # would index other rows and, with epochs or packing, run another number of steps.
-    views = run_on_every_rank(info, "data agreement", lambda: _data_view(inputs), USER_ERRORS, gather=True)
-    differs = next((r for r, view in enumerate(views) if view != views[0]), None)
-    if differs is not None:  # the same list on every rank: every rank stops here with this message
-        raise data_lib.DataError(f"rank {differs} sees other data than rank 0 ({views[differs]} against {views[0]}): "
-                                 "every node needs the same data files and tokenizer")
+    check_same_on_every_rank(info, _data_view(inputs), lambda rank, theirs, ref: data_lib.DataError(
+        f"rank {rank} sees other data than rank 0 ({theirs} against {ref}): every node needs the same data files and "
+        "tokenizer"))
     if info.is_main:
         log.info("data: %d training examples, %s eval, sampling subset %d, main stage %d steps", len(inputs.train_set),
                  len(inputs.eval_set) if inputs.eval_set is not None else "no", len(inputs.sample), inputs.main_steps)
