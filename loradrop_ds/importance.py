@@ -26,9 +26,12 @@ from typing import Literal, Optional
 
 import torch
 
-Granularity = Literal["layer", "module"]
-Method = Literal["output_norm", "random", "bottom", "param_norm", "grad_norm", "list"]
-METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm", "list")
+# The allowed values of loradrop.granularity and loradrop.selection, owned here where they are
+# implemented; config.py validates recipes against them.
+GRANULARITIES = ("layer", "module")
+SELECTION_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm", "list")
+Granularity = Literal[GRANULARITIES]  # Literal of a tuple T is Literal[*T]
+Method = Literal[SELECTION_METHODS]
 
 
 class SelectionError(ValueError):
@@ -233,7 +236,7 @@ def _ranked(method: Method, raw: list[float], scores: Optional[list[float]], see
         if math.fsum(scores) <= 0.0:
             raise SelectionError(f"all {method} scores are zero: raise loradrop.sampling_steps")
         return sorted(range(n), key=lambda i: (-scores[i], i))
-    raise ValueError(f"selection must be one of {METHODS}, got {method!r}")
+    raise ValueError(f"selection must be one of {SELECTION_METHODS}, got {method!r}")
 
 
 def compute_selection(stats: ImportanceStats, threshold: float, granularity: Granularity, *,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import SHARED_SCALES, LoraConfig
 from .importance import ImportanceStats
 from .model import decoder_layers
 
@@ -252,11 +252,9 @@ def build_main_lora(base: nn.Module, cfg: LoraConfig, seed: int, plan: Optional[
     after :func:`strip_lora`): fresh LoRA everywhere (seeded), kept LoRAs optionally
     warm-started from ``warm_state``, and, with a ``plan``, the shared LoRA tied in, each
     of its uses with its own learned gain when ``shared_scale`` is "scalar" or "vector"
-    (:func:`add_shared_gains`). Returns ``(peft model, {module type: shared layers})``."""
-    if shared_scale not in SHARED_SCALES:
-        raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
-    if shared_scale != "none" and not train_shared:
-        raise ValueError(f"shared_scale={shared_scale} scales a trained shared LoRA; with train_shared=false use none")
+    (:func:`add_shared_gains`). Returns ``(peft model, {module type: shared layers})``.
+    ``shared_scale`` and its pairing with ``train_shared`` are checked with the recipe
+    (``config.validate``), before any training."""
     model = add_lora(base, cfg, seed)
     shared_users: dict[str, list[int]] = {}
     if plan is not None:
@@ -269,7 +267,6 @@ def build_main_lora(base: nn.Module, cfg: LoraConfig, seed: int, plan: Optional[
 
 # ------------------------------------------------------- per-use gains of the shared LoRA
 
-SHARED_SCALES = ("none", "scalar", "vector")
 GAIN = "loradrop_gain"  # the gain's parameter name on a shared use's lora_A module
 # Keys of ``adapter_io.gather_lora_state``'s result that are not PEFT weights (no "lora_" in
 # them): the gains and the unscaled shared B, written next to the adapter in GAINS_FILE.
@@ -312,7 +309,7 @@ def add_shared_gains(model: nn.Module, shared_users: dict[str, list[int]], share
     """
     if shared_scale == "none" or not shared_users:
         return {}
-    if shared_scale not in SHARED_SCALES:
+    if shared_scale not in SHARED_SCALES:  # config.validate checks a recipe's; this, export.load_compact's sharing map
         raise ValueError(f"shared_scale must be one of {SHARED_SCALES}, got {shared_scale!r}")
     layers = lora_layers(model, sorted(shared_users))
     gains: dict[tuple[int, str], nn.Parameter] = {}
