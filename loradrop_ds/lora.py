@@ -318,12 +318,16 @@ def add_shared_gains(model: nn.Module, shared_users: dict[str, list[int]], share
             lora_a = layers[(layer, module_name)].lora_A[ADAPTER]
             if GAIN in lora_a._parameters:
                 raise ValueError(f"layer {layer} {module_name} already has a shared-LoRA gain")
-            size = 1 if shared_scale == "scalar" else lora_a.out_features
-            gain = nn.Parameter(torch.ones(size, dtype=torch.float32, device=lora_a.weight.device))
+            gain = nn.Parameter(torch.ones(shared_gain_numel(shared_scale, lora_a.out_features), dtype=torch.float32, device=lora_a.weight.device))
             lora_a.register_parameter(GAIN, gain)
             lora_a.register_forward_hook(_apply_gain)
             gains[(layer, module_name)] = gain
     return gains
+
+
+def shared_gain_numel(shared_scale: str, r: int) -> int:
+    """The parameters of one shared use's gain (loradrop.shared_scale): none, one, or one per rank."""
+    return {"none": 0, "scalar": 1, "vector": r}[shared_scale]
 
 
 def scaled_b(b: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .distributed import DistInfo, check_same_on_every_rank, run_on_every_rank
 from .engine import SizeHints, load_ds_config
 from .errors import USER_ERRORS
 from .importance import ParamCosts, check_selection_request, lora_param_count
+from .lora import shared_gain_numel
 from .model import (
     BUILTIN_PREFIX,
     ModuleInfo,
@@ -126,7 +127,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     drop = cfg.loradrop
     costs = ParamCosts({m: lora_param_count(i, o, cfg.lora.r) for m, (i, o) in modules.shapes.items()},
                        modules.num_layers, drop.train_shared,
-                       {"none": 0, "scalar": 1, "vector": cfg.lora.r}[drop.shared_scale])
+                       shared_gain_numel(drop.shared_scale, cfg.lora.r))
     if drop.enabled:
         check_selection_request(drop.selection, drop.keep, drop.num_kept, drop.param_budget, drop.granularity,
                                 modules.num_layers, list(cfg.lora.target_modules), costs)

@@ -20,5 +20,5 @@ def parse_size(text: str) -> int:
     """``"80GB"`` -> 80e9 bytes, ``"80GiB"`` -> 80 * 2**30; ValueError for anything else."""
     match = _SIZE.match(text or "")
     if not match:
-        raise ValueError(f"{text!r} is not a size; write e.g. 80GB, 80GiB or 500MB")
+        raise ValueError(f"{text!r} is not a memory size; write e.g. 80GB, 80GiB or 500MB")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
