@@ -318,7 +318,8 @@ def add_shared_gains(model: nn.Module, shared_users: dict[str, list[int]], share
             lora_a = layers[(layer, module_name)].lora_A[ADAPTER]
             if GAIN in lora_a._parameters:
                 raise ValueError(f"layer {layer} {module_name} already has a shared-LoRA gain")
-            gain = nn.Parameter(torch.ones(shared_gain_numel(shared_scale, lora_a.out_features), dtype=torch.float32, device=lora_a.weight.device))
+            size = shared_gain_numel(shared_scale, lora_a.out_features)
+            gain = nn.Parameter(torch.ones(size, dtype=torch.float32, device=lora_a.weight.device))
             lora_a.register_parameter(GAIN, gain)
             lora_a.register_forward_hook(_apply_gain)
             gains[(layer, module_name)] = gain
