@@ -9,7 +9,7 @@ RUN_OR_CHECKPOINT is a run's output_dir (its final adapter/, or its newest compl
 checkpoint if the run did not finish) or output_dir/checkpoints/<name>. --format pruned (a run
 with a prune: section) removes LoRAPrune's pruned KV groups and MLP channels and merges the LoRA:
 a smaller model for plain transformers, every layer at the widest layer's kept width (exempt
-full-width layers limit the saving; see loradrop_ds/export.py). Every input is checked
+full-width layers limit the saving; see loradrop_ds/export/pruned.py). Every input is checked
 before anything is written; a bad one is one "error:" line on stderr and exit code 2.
 """
 

@@ -23,6 +23,7 @@ import torch
 
 from .atomic import staged_dir
 from .config import ModelConfig
+from .safetensors_header import PREFIX_BYTES, HeaderProblem, data_end, read_header
 
 log = logging.getLogger(__name__)
 
@@ -161,21 +162,17 @@ def check_architecture(model_config: Any, path: str) -> None:
 def _safetensors_problem(file: Path) -> Optional[str]:
     """Why ``file`` is not a whole safetensors file (header cut, header not JSON, data
     shorter than the header's offsets), or None; reads only the header."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"is {size} bytes, shorter than a safetensors header: truncated"
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            return f"is {size} bytes but its header alone needs {8 + n}: truncated"
-        try:
-            header = json.loads(f.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
-            return "has a header that is not a safetensors header: corrupt"
-    if 8 + n + end > size:
-        return f"is {size} bytes but its header says its tensors need {8 + n + end}: truncated"
+    try:
+        header = read_header(file)
+        end = data_end(header)
+    except HeaderProblem as p:
+        if p.kind == "short":
+            return f"is {p.size} bytes, shorter than a safetensors header: truncated"
+        if p.kind == "header-overrun":
+            return f"is {p.size} bytes but its header alone needs {PREFIX_BYTES + p.length}: truncated"
+        return "has a header that is not a safetensors header: corrupt"
+    if end > header.data_bytes:
+        return f"is {header.size} bytes but its header says its tensors need {PREFIX_BYTES + header.length + end}: truncated"
     return None
 
 

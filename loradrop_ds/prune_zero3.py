@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+<<<<<<< HEAD
 import json
 import logging
+=======
+>>>>>>> h-export
 import math
 import time
 from collections.abc import Iterator
@@ -53,9 +56,11 @@ import torch.distributed as dist
 from torch import nn
 
 from . import prune_algorithm as prune_lib
+from . import prune_files
 from .lora import ADAPTER, WeightGradTap, lora_layers
 from .metrics import format_count
 from .model import decoder_layers
+<<<<<<< HEAD
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +68,9 @@ PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
 STATE_FILE = "state.safetensors"  # PruneState: EMA scores, masks, update count
 MASKS_FILE = "masks.safetensors"  # layers.{i}.attn / layers.{i}.mlp, uint8, 1 = kept (the export's input)
 INFO_FILE = "prune.json"
+=======
+from .prune_files import PRUNE_DIR, load_state  # noqa: F401  (prune_files owns them; launch/train.py imports them here)
+>>>>>>> h-export
 
 
 @dataclass(frozen=True)
@@ -322,26 +330,10 @@ def masks_digest(masks: prune_lib.Masks) -> str:
 
 
 def write_prune_dir(directory: Path, pruner: Pruner) -> list[Path]:
-    """``directory/prune/``: the state (for resuming), the masks and prune.json (for the
-    pruned export, which reads nothing else of LoRAPrune). Rank 0 only; returns the files."""
-    from safetensors.torch import save_file
-
-    out = Path(directory) / PRUNE_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    """``directory/prune/`` (:func:`loradrop_ds.prune_files.write_prune_dir`) from ``pruner``'s
+    state, with its summary and the model shape in prune.json. Rank 0 only; returns the files."""
     s = pruner.shape
-    save_file(pruner.state.to_tensors(), out / STATE_FILE)
-    masks = {f"layers.{i}.{name}": m.to(torch.uint8).contiguous()
-             for i, structures in pruner.state.masks.items() for name, m in structures.items()}
-    save_file(masks, out / MASKS_FILE)
     info = {**pruner.summary(), "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
             "head_dim": s.head_dim, "intermediate_size": s.intermediate, "hidden_size": s.hidden,
             "num_hidden_layers": s.num_layers, "masks_sha256": masks_digest(pruner.state.masks)}
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
-    return [out / STATE_FILE, out / MASKS_FILE, out / INFO_FILE]
-
-
-def load_state(directory: Path) -> Optional[prune_lib.PruneState]:
-    from safetensors.torch import load_file
-
-    path = Path(directory) / PRUNE_DIR / STATE_FILE
-    return prune_lib.PruneState.from_tensors(load_file(path)) if path.is_file() else None
+    return prune_files.write_prune_dir(directory, pruner.state, info)

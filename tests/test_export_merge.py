@@ -238,8 +238,8 @@ def test_adapter_keys_that_fit_no_base_weight_or_leave_one_out_are_named(sharded
     gone = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
     with pytest.raises(ExportError, match=rf"the adapter has no {gone.replace('.', '[.]')}"):
         export(copy_run(run, tmp_path / "gone", drop_keys=[gone]), out, "merged")
-    with pytest.raises(ExportError, match="--max-shard-size 5 GiB"):
-        export(run, out, "merged", max_shard_size="5 GiB")
+    with pytest.raises(ExportError, match="--max-shard-size 5 gigabytes"):
+        export(run, out, "merged", max_shard_size="5 gigabytes")
     assert_nothing_written(out)
 
 
