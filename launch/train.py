@@ -33,8 +33,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,10 +69,10 @@ from loradrop_ds.lora import (  # noqa: E402  # noqa: E402
     trainable_parameter_count,
 )
 from loradrop_ds.metrics import MetricsLogger, format_count, setup_logging, summary_text  # noqa: E402
-from loradrop_ds.model import load_model, load_model_config  # noqa: E402
+from loradrop_ds.model import load_model  # noqa: E402
 from loradrop_ds.plot import plot_importance, plot_selection_history  # noqa: E402
 from loradrop_ds.preflight import Inputs, preflight  # noqa: E402
-from loradrop_ds.prune_zero3 import PRUNE_DIR, Pruner, Shape, load_state, write_prune_dir  # noqa: E402
+from loradrop_ds.prune_zero3 import Pruner, pruner_for_run, write_prune_dir  # noqa: E402
 from loradrop_ds.training import TrainingStage, evaluate  # noqa: E402
 
 log = logging.getLogger("loradrop_ds.train")
@@ -292,15 +290,9 @@ def rebuild(run: Run, selection: Optional[Selection], base: Optional[torch.nn.Mo
         log.info("trainable parameters: %s (plain LoRA: %s, %.1f%%)", format_count(trainable),
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
     if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.prune_zero3)
-        state = load_state(run.resume_path) if run.resumed is not None and run.resumed.stage == "main" else None
-        if run.resumed is not None and run.resumed.stage == "main" and state is None:  # pruning would restart
-            raise ckpt.CheckpointError(f"{run.resume_path} holds no prune/state.safetensors although "
-                                       "prune.target_sparsity > 0; resume from a checkpoint this run wrote")
-        run.pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
-                            run.inputs.main_steps, info.device, state=state)
-        if info.is_main:
-            log.info("LoRAPrune: target sparsity %.2f, score and mask updates after steps %s, exempt layers %s",
-                     cfg.prune.target_sparsity, run.pruner.steps, run.pruner.exempt)
+        resumed_main = run.resumed is not None and run.resumed.stage == "main"
+        run.pruner = pruner_for_run(model, cfg, run.inputs.main_steps, info.device,
+                                    run.resume_path if resumed_main else None)
     engine = create_engine(model, run.inputs.ds_config, cfg.train.lr, cfg.train.weight_decay,
                            lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, run.inputs.main_steps,
                                      cfg.train.min_lr_ratio))
@@ -356,13 +348,8 @@ def save(run: Run, engine: Any, selection: Optional[Selection], probe: Optional[
         if not info.is_main:
             return
         adapter_io.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
-        if run.pruner is not None:  # written aside, then moved into place whole
-            staging = run.out_dir / f".{PRUNE_DIR}-tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            write_prune_dir(staging, run.pruner)
-            shutil.rmtree(run.out_dir / PRUNE_DIR, ignore_errors=True)
-            os.replace(staging / PRUNE_DIR, run.out_dir / PRUNE_DIR)
-            staging.rmdir()
+        if run.pruner is not None:
+            write_prune_dir(run.out_dir, run.pruner)
         if probe:
             from safetensors.torch import save_file
 

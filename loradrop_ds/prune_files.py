@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import torch
 
+from .atomic import staged_dir
 from .prune_algorithm import PruneState
 
 PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
@@ -26,17 +27,17 @@ def mask_key(layer: int, structure: str) -> str:
 
 
 def write_prune_dir(directory: Path, state: PruneState, info: dict) -> list[Path]:
-    """``directory/prune/``: the state (for resuming), the masks and prune.json (``info``; for the
+    """``directory/prune/``, atomically: the state (for resuming), the masks and prune.json (``info``; for the
     pruned export, which reads nothing else of LoRAPrune). Rank 0 only; returns the files."""
     from safetensors.torch import save_file
 
     out = Path(directory) / PRUNE_DIR
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state.to_tensors(), out / STATE_FILE)
-    masks = {mask_key(i, name): m.to(torch.uint8).contiguous()
-             for i, structures in state.masks.items() for name, m in structures.items()}
-    save_file(masks, out / MASKS_FILE)
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2))
+    with staged_dir(out) as tmp:  # whole or not at all, replacing an earlier one
+        save_file(state.to_tensors(), tmp / STATE_FILE)
+        masks = {mask_key(i, name): m.to(torch.uint8).contiguous()
+                 for i, structures in state.masks.items() for name, m in structures.items()}
+        save_file(masks, tmp / MASKS_FILE)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
     return [out / STATE_FILE, out / MASKS_FILE, out / INFO_FILE]
 
 

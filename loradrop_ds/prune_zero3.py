@@ -39,11 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-<<<<<<< HEAD
-import json
 import logging
-=======
->>>>>>> h-export
 import math
 import time
 from collections.abc import Iterator
@@ -60,17 +56,8 @@ from . import prune_files
 from .lora import ADAPTER, WeightGradTap, lora_layers
 from .metrics import format_count
 from .model import decoder_layers
-<<<<<<< HEAD
 
 log = logging.getLogger(__name__)
-
-PRUNE_DIR = "prune"  # inside the run directory and every checkpoint
-STATE_FILE = "state.safetensors"  # PruneState: EMA scores, masks, update count
-MASKS_FILE = "masks.safetensors"  # layers.{i}.attn / layers.{i}.mlp, uint8, 1 = kept (the export's input)
-INFO_FILE = "prune.json"
-=======
-from .prune_files import PRUNE_DIR, load_state  # noqa: F401  (prune_files owns them; launch/train.py imports them here)
->>>>>>> h-export
 
 
 @dataclass(frozen=True)
@@ -91,6 +78,26 @@ class Shape:
         return cls(model_config.num_hidden_layers, model_config.hidden_size, heads,
                    getattr(model_config, "num_key_value_heads", None) or heads, head_dim,
                    model_config.intermediate_size)
+
+
+def pruner_for_run(model: nn.Module, cfg: Any, main_steps: int, device: torch.device,
+                   resume_path: Optional[Path]) -> Pruner:
+    """The main stage's Pruner (``cfg``: the run's Config); ``resume_path``: the main-stage
+    checkpoint the run resumes from, whose prune state it continues, or None."""
+    from .model import load_model_config
+    from .run_checkpoint import CheckpointError
+
+    state = None
+    if resume_path is not None:
+        state = prune_files.load_state(resume_path)
+        if state is None:  # pruning would restart from nothing in the middle of the schedule
+            raise CheckpointError(f"{resume_path} holds no prune/state.safetensors although prune.target_sparsity > 0; "
+                                  "resume from a checkpoint this run wrote")
+    pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
+                    main_steps, device, state=state)
+    log.info("LoRAPrune: target sparsity %.2f, score and mask updates after steps %s, exempt layers %s",
+             cfg.prune.target_sparsity, pruner.steps, pruner.exempt)
+    return pruner
 
 
 def update_steps(total_steps: int, every: int, end_fraction: float) -> list[int]:
