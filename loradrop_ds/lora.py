@@ -13,10 +13,9 @@ from torch import nn
 
 from .config import SHARED_SCALES, LoraConfig
 from .importance import ImportanceStats
-from .model import decoder_layers
+from .model import decoder_layers, parse_layer_key
 
 ADAPTER = "default"
-_LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig, seed: int) -> nn.Module:
@@ -54,10 +53,9 @@ def lora_layers(model: nn.Module, module_names: list[str]) -> dict[tuple[int, st
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        short = name.rsplit(".", 1)[-1]
-        m = _LAYER_RE.search(name + ".")
-        if m and short in module_names:
-            found[(int(m.group(1)), short)] = module
+        key = parse_layer_key(name)
+        if key is not None and not key.rest and key.module in module_names:
+            found[(key.layer, key.module)] = module
     num_layers = len(decoder_layers(model))
     expected = {(i, mod) for i in range(num_layers) for mod in module_names}
     if set(found) != expected:
@@ -352,7 +350,8 @@ def bake_shared_gains(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             continue
         prefix = key[:-len(suffix)]  # the LoRA layer's module path
         b_key = f"{prefix}.lora_B.{ADAPTER}.weight"
-        layer, module = int(_LAYER_RE.search(prefix + ".").group(1)), prefix.rsplit(".", 1)[-1]
+        key = parse_layer_key(prefix)
+        layer, module = key.layer, key.module
         out[b_key] = scaled_b(state[b_key], gain)
         out[f"{EXTRA_PREFIX}gain.{layer}.{module}"] = gain
         out.setdefault(f"{EXTRA_PREFIX}shared.{module}.lora_B.weight", state[b_key])

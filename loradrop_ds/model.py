@@ -268,6 +268,29 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise ModelError("could not find the decoder layers (a ModuleList named '...layers') in this model")
 
 
+@dataclass(frozen=True)
+class LayerKey:
+    """Where a module path or tensor name points inside the decoder stack."""
+
+    layer: int  # the decoder layer's index
+    block: str  # "self_attn", "mlp" (or whatever the path holds there)
+    module: str  # "q_proj", ... (the last path component for a module path)
+    rest: str  # what follows the module: "" for the module itself, "weight", "lora_A.weight", ...
+
+
+def parse_layer_key(name: str) -> Optional[LayerKey]:
+    """The one parser of layer keys: ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``
+    -> ``LayerKey(3, "self_attn", "q_proj", "lora_A.weight")``; a path to ``layers.3.mlp.down_proj``
+    -> ``LayerKey(3, "mlp", "down_proj", "")``. None outside a numbered ``layers`` list
+    (embeddings, the final norm); a tensor directly in a layer (``layers.1.input_layernorm.weight``)
+    parses with ``module="weight"``, so callers match ``module`` against the names they want."""
+    parts = name.split(".")
+    for i in range(len(parts) - 3):
+        if parts[i] == "layers" and parts[i + 1].isdigit():
+            return LayerKey(int(parts[i + 1]), parts[i + 2], parts[i + 3], ".".join(parts[i + 4:]))
+    return None
+
+
 def module_info(model: torch.nn.Module, target_modules: list[str]) -> ModuleInfo:
     layers = decoder_layers(model)
     shapes: dict[str, tuple[int, int]] = {}

@@ -15,6 +15,7 @@ import torch
 
 from ..importance import sharing_plan
 from ..lora import GAINS_FILE
+from ..model import parse_layer_key
 from .errors import ExportError
 from .source import ExportSource
 
@@ -31,14 +32,11 @@ def check_shares(src: ExportSource) -> None:
 
 def _module_of(key: str, module_names: list[str]) -> Optional[tuple[int, str, str]]:
     """``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` -> (3, "q_proj", "lora_A")."""
-    parts = key.split(".")
-    if "layers" not in parts:
+    where = parse_layer_key(key)
+    if where is None or where.module not in module_names:
         return None
-    i = parts.index("layers")
-    layer = int(parts[i + 1])
-    ab = next(p for p in parts if p in ("lora_A", "lora_B"))
-    module = parts[parts.index(ab) - 1]
-    return (layer, module, ab) if module in module_names else None
+    ab = where.rest.split(".", 1)[0]
+    return (where.layer, where.module, ab) if ab in ("lora_A", "lora_B") else None
 
 
 def _write_compact(src: ExportSource, out: Path) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..model import parse_layer_key
 from ..prune_files import INFO_FILE, MASKS_FILE, PRUNE_DIR, mask_key, read_info, read_masks
 from .errors import ExportError, _json_object, _parsed, _read_safetensors_header
 from .merge import _BaseTensor, _MergePlan
@@ -22,7 +22,6 @@ log = logging.getLogger(__package__)  # the export's one logger, loradrop_ds.exp
 # Architectures whose decoder layers are exactly LLaMA's q/k/v/o and gate/up/down projections,
 # with one head count and one intermediate size in config.json (see _PrunePlan).
 _PRUNABLE_MODEL_TYPES = ("llama",)
-_LAYER_TENSOR = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.(weight|bias)$")
 PRUNED_SCHEME = ("every layer is written at the widest layer's kept width (per structure); a layer that kept fewer "
                  "units keeps its kept units plus its lowest-index pruned ones, whose weights are exactly zero, so it "
                  "computes what the masked model computes. With exempt full-width layers (LoRAPrune exempts the "
@@ -156,10 +155,11 @@ def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
               ("mlp", "gate"): [inter, hidden], ("mlp", "up"): [inter, hidden], ("mlp", "down"): [hidden, inter]}
     found: dict[tuple[int, str, str, str], str] = {}
     for name, t in plan.tensors.items():
-        m = _LAYER_TENSOR.match(name)
-        if m is None:
+        key = parse_layer_key(name)  # a per-layer projection of LlamaAttention / LlamaMLP, or skipped
+        proj = key.module[:-len("_proj")] if key is not None and key.module.endswith("_proj") else None
+        if proj is None or key.rest not in ("weight", "bias") or (key.block, proj) not in shapes:
             continue
-        layer, block, proj, kind = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        layer, block, kind = key.layer, key.block, key.rest
         want_shape = shapes.get((block, proj))
         if want_shape is None or layer >= layers or \
                 t.shape != (want_shape if kind == "weight" else want_shape[:1]):
