@@ -3,11 +3,11 @@
 What runs where:
 
 * **Gradients of every LoRA use.** In a step that updates the scores, forward hooks on each
-  use's ``lora_A`` and ``lora_B`` register tensor hooks that add that micro-batch's weight
-  gradient, ``dL/dW = g^T x`` at the Linear's output and input, per (layer, module) use.
-  ``.grad`` cannot be read instead: under ZeRO-3 it is reduce-scattered (and, for a LoRA
+  use's ``lora_A`` and ``lora_B`` wrap the Linear's output in ``lora.WeightGradTap``, an
+  identity autograd Function whose backward adds that micro-batch's weight gradient,
+  ``dL/dW = g^T x``, per (layer, module) use. ``.grad`` cannot be read instead: under ZeRO-3 it is reduce-scattered (and, for a LoRA
   shared by many layers, summed over its uses) before anything could see it. The same
-  hooks copy A and B as the forward saw them, i.e. before the optimizer step, as the authors
+  hooks copy A and B as the original forward saw them, i.e. before the optimizer step, as the authors
   do. The gradients are the unclipped ones (the authors score after clipping; with the
   default max_grad_norm of 1 that differs only in steps whose norm exceeds it, and then by a
   common factor c on G's first two terms and c^2 on dB dA). ``engine.backward`` has already
@@ -299,7 +299,7 @@ class Pruner:
                  format_count(summary["base_params_removed"]))
         if self.exempt:
             log.info("LoRAPrune: exempt layers keep full width, and `launch/export.py --format pruned` writes every "
-                     "layer at the widest layer's width: the exported model is no smaller (README: Export)")
+                     "layer at the widest layer's width: the exported model is no smaller (docs/EXPORT.md)")
 
 
 COLUMN_MODULES = ("o_proj", "down_proj")  # grouped by input columns; the others by output rows
