@@ -3,6 +3,7 @@ helper that runs a script on 2 real gloo ranks with torchrun."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -49,6 +50,26 @@ def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: int 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_ranks_many(runs: list[list[str]], logs_dir: Path, nproc: int = 2, timeout: int = 1200) -> list[str]:
+    """``launch/train.py`` with each argv of ``runs``, one after another, in one set of
+    ``nproc`` rank processes (tests/workers/train_many.py: it saves the processes' start, about
+    half of a tiny run). Every run must succeed; returns each run's rank-0 log. For runs whose
+    tests read what they wrote; a test of how a fresh process behaves (fault injection,
+    SIGKILL, exit codes of bad input) starts its own with :func:`run_ranks`."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [{"argv": list(map(str, argv)), "log": str(logs_dir / f"run{i}")} for i, argv in enumerate(runs)]
+    (logs_dir / "jobs.json").write_text(json.dumps(jobs))
+    run_ranks(REPO / "tests" / "workers" / "train_many.py", [str(logs_dir / "jobs.json")], nproc=nproc, timeout=timeout)
+    logs = []
+    for job in jobs:
+        codes = [Path(f"{job['log']}.code{r}").read_text() for r in range(nproc)]
+        log = Path(f"{job['log']}.rank0").read_text()
+        if codes != ["0"] * nproc:
+            raise AssertionError(f"train.py {' '.join(job['argv'])} exited {codes}:\n{log[-5000:]}")
+        logs.append(log)
+    return logs
 
 
 def run_two_nodes(script: str | Path, args: list[list[str]], envs: list[dict] | None = None,

@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, run_ranks
+from conftest import REPO, run_ranks_many
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TRAIN = REPO / "launch" / "train.py"
@@ -271,10 +271,21 @@ def test_twins_keep_the_structure_of_the_real_models(twins):
                     "llama2_7b_loradrop": (4, 4, 64, 172), "llama3_70b_loradrop": (8, 1, 128, 448)}
 
 
-def _run_twin(twin: dict, out_dir: Path, checkpointing: bool) -> Path:
-    run_ranks(TRAIN, ["--config", str(twin["recipe"]), *twin["overrides"], f"output_dir={out_dir}",
-                      f"model.gradient_checkpointing={str(checkpointing).lower()}"], nproc=WORLD)
-    return out_dir
+def _twin_argv(twin: dict, out_dir: Path, checkpointing: bool) -> list[str]:
+    return ["--config", str(twin["recipe"]), *twin["overrides"], f"output_dir={out_dir}",
+            f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+
+
+@pytest.fixture(scope="module")
+def twin_runs(twins, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Per recipe: its twin trained with and without activation checkpointing. All twelve
+    runs in one set of rank processes (``run_ranks_many``): each run seeds and releases its
+    own state, and what is compared is what each wrote."""
+    root = tmp_path_factory.mktemp("twin_runs")
+    dirs = {name: (root / name / "checkpointing", root / name / "plain") for name in twins}
+    run_ranks_many([_twin_argv(twins[name], out, on) for name, pair in dirs.items()
+                    for out, on in zip(pair, (True, False), strict=True)], root / "logs", nproc=WORLD)
+    return dirs
 
 
 def _losses(run: Path, stage: str) -> list[float]:
@@ -304,11 +315,10 @@ RTOL = 1e-6
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=_recipe_id)
-def test_twin_statistics_are_the_same_with_activation_checkpointing(twins, tmp_path, recipe):
+def test_twin_statistics_are_the_same_with_activation_checkpointing(twins, twin_runs, recipe):
     twin = twins[recipe.stem]
     cfg = twin["cfg"]
-    on = _run_twin(twin, tmp_path / "checkpointing", True)
-    off = _run_twin(twin, tmp_path / "plain", False)
+    on, off = twin_runs[recipe.stem]
     assert yaml.safe_load((on / "config.yaml").read_text())["model"]["gradient_checkpointing"] is True
 
     # Whole-run equality: every step's loss in both stages, and the trained adapter.

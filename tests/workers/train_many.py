@@ -1,0 +1,46 @@
+"""Several launch/train.py runs, one after another, in one set of rank processes.
+
+torchrun --nproc_per_node N tests/workers/train_many.py JOBS_JSON
+
+JOBS_JSON holds ``[{"argv": [...], "log": PATH}, ...]``. Each run is ``train.main(argv)``
+as the CLI runs it (failures turned into exit codes as ``train.cli`` does), with this
+rank's stdout and stderr sent to ``PATH.rank<R>``; ``PATH.code<R>`` gets the exit code.
+What this saves is only the start of the processes (the interpreter, torch, DeepSpeed,
+transformers and the process group: about half of a tiny run), so it is for runs whose
+tests read what the run wrote, not how a fresh process behaves: no fault injection (read
+from the environment at import), no SIGKILL, one world size. Each run seeds its own RNG
+(``lora.add_lora``) and releases its engines (``deepspeed_private.release_engine``), as a
+run that follows another in the same process must; tests/test_engine.py checks the
+release on its own.
+"""
+
+import contextlib
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+from loradrop_ds import distributed
+
+
+def main(jobs_file: str) -> None:
+    train = runpy.run_path(str(Path(__file__).resolve().parents[2] / "launch" / "train.py"), run_name="train_many")
+    rank = int(os.environ.get("RANK", "0"))
+    for job in json.loads(Path(jobs_file).read_text()):
+        with open(f"{job['log']}.rank{rank}", "w") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            try:
+                code = train["main"](job["argv"])
+            except train["RankFailure"] as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                code = 2 if e.user_error else 1
+            except train["USER_ERRORS"] as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                code = 2
+        Path(f"{job['log']}.code{rank}").write_text(str(code))
+    distributed.exit_process(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
