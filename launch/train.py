@@ -392,19 +392,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def cli() -> None:
+def run_cli(argv: Optional[list[str]] = None) -> int:
     """Run ``main`` and turn failures into exit codes: 2 and one line for bad input (on
     every rank, with the same message), 1 for anything unexpected. Anything else keeps
     its traceback (an error inside a collective: the other ranks end at the timeout)."""
     try:
-        code = main()
+        return main(argv)
     except RankFailure as e:  # a step failed on some rank; every rank is here with the same message
         print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2 if e.user_error else 1
+        return 2 if e.user_error else 1
     except USER_ERRORS as e:  # before the process group exists (the recipe): the same on every rank
         print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    distributed.exit_process(code)
+        return 2
+
+
+def cli() -> None:
+    distributed.exit_process(run_cli())
 
 
 if __name__ == "__main__":

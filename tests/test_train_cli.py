@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_adapter_reproduces_run, run_python, run_ranks
+from conftest import REPO, assert_adapter_reproduces_run, run_ranks, run_ranks_many
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -70,27 +70,40 @@ def _write_jsonl(path, rows):
     return path
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "missing_file", "empty_dataset", "absent_target",
-                                  "sample_too_small", "bad_threshold", "bad_rank", "unwritable_output",
-                                  "does_not_fit"])
-def test_bad_input_is_rejected_before_training(tiny_model, tmp_path, case):
-    out = tmp_path / "run"
-    extra, expected = {
+BAD_INPUT_CASES = ["unknown_key", "missing_file", "empty_dataset", "absent_target", "sample_too_small", "bad_threshold",
+                   "bad_rank", "unwritable_output", "does_not_fit"]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tiny_model, tmp_path_factory) -> dict:
+    """Each case's one-process run (all in one process: ``run_ranks_many``), its output_dir
+    and the message it must print."""
+    root = tmp_path_factory.mktemp("bad_input")
+    cases = {
         "unknown_key": (["train.max_stepz=3"], "unknown setting train.max_stepz"),
-        "missing_file": ([f"data.train_file={tmp_path}/nope.jsonl"], "no such file"),
-        "empty_dataset": ([f"data.train_file={_write_jsonl(tmp_path / 'empty.jsonl', [])}"], "is empty"),
+        "missing_file": ([f"data.train_file={root}/nope.jsonl"], "no such file"),
+        "empty_dataset": ([f"data.train_file={_write_jsonl(root / 'empty.jsonl', [])}"], "is empty"),
         "absent_target": (["lora.target_modules=[q_proj,wq]"], "lora.target_modules ['wq'] not found"),
         "sample_too_small": (["loradrop.sample_ratio=0.001", "train.micro_batch_size=16"],
                              "the sampling subset has 8 examples, fewer than one optimizer step needs"),
         "bad_threshold": (["loradrop.threshold=1.5"], "loradrop.threshold (T) must be in (0, 1]"),
         "bad_rank": (["lora.r=0"], "lora.r must be a positive integer"),
         # A file where a directory should be: unwritable even for root.
-        "unwritable_output": ([f"output_dir={_write_jsonl(tmp_path / 'a_file', [])}/run"], "is not writable"),
+        "unwritable_output": ([f"output_dir={_write_jsonl(root / 'a_file', [])}/run"], "is not writable"),
         # The planner's estimate (launch/plan.py) against this machine's RAM: terabytes of activations.
         "does_not_fit": (["train.micro_batch_size=4096", "data.max_seq_len=4096"],
                          "train.skip_memory_check=true runs it anyway"),
-    }[case]
-    proc = run_python([str(TRAIN), *tiny_args(tiny_model, out, *extra)])
+    }
+    assert sorted(cases) == sorted(BAD_INPUT_CASES)
+    outs = {case: root / case / "run" for case in BAD_INPUT_CASES}
+    procs = run_ranks_many([tiny_args(tiny_model, outs[case], *cases[case][0]) for case in BAD_INPUT_CASES],
+                           root / "logs", nproc=1, check=False)
+    return {case: (proc, outs[case], cases[case][1]) for case, proc in zip(BAD_INPUT_CASES, procs, strict=True)}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_rejected_before_training(bad_input_runs, case):
+    proc, out, expected = bad_input_runs[case]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

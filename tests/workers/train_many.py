@@ -2,16 +2,15 @@
 
 torchrun --nproc_per_node N tests/workers/train_many.py JOBS_JSON
 
-JOBS_JSON holds ``[{"argv": [...], "log": PATH}, ...]``. Each run is ``train.main(argv)``
-as the CLI runs it (failures turned into exit codes as ``train.cli`` does), with this
-rank's stdout and stderr sent to ``PATH.rank<R>``; ``PATH.code<R>`` gets the exit code.
-What this saves is only the start of the processes (the interpreter, torch, DeepSpeed,
-transformers and the process group: about half of a tiny run), so it is for runs whose
-tests read what the run wrote, not how a fresh process behaves: no fault injection (read
-from the environment at import), no SIGKILL, one world size. Each run seeds its own RNG
-(``lora.add_lora``) and releases its engines (``deepspeed_private.release_engine``), as a
-run that follows another in the same process must; tests/test_engine.py checks the
-release on its own.
+JOBS_JSON holds ``[{"argv": [...], "log": PATH}, ...]``. Each run is ``train.run_cli(argv)``
+(the CLI less its final ``os._exit``), with this rank's stdout and stderr sent to
+``PATH.rank<R>`` and its exit code written to ``PATH.code<R>``. What this saves is the
+start of the processes (the interpreter, torch, DeepSpeed, transformers, the process
+group: most of a tiny run), so it is for runs whose tests read what the run wrote or
+said, not how a fresh process behaves: no fault injection (read from the environment at
+import), no SIGKILL, one world size. Each run seeds its own RNG (``lora.add_lora``) and
+releases its engines (``deepspeed_private.release_engine``), as a run that follows
+another in the same process must; tests/test_engine.py checks the release on its own.
 """
 
 import contextlib
@@ -30,14 +29,7 @@ def main(jobs_file: str) -> None:
     for job in json.loads(Path(jobs_file).read_text()):
         with open(f"{job['log']}.rank{rank}", "w") as log, contextlib.redirect_stdout(log), \
                 contextlib.redirect_stderr(log):
-            try:
-                code = train["main"](job["argv"])
-            except train["RankFailure"] as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                code = 2 if e.user_error else 1
-            except train["USER_ERRORS"] as e:
-                print(f"error: {e}", file=sys.stderr, flush=True)
-                code = 2
+            code = train["run_cli"](job["argv"])
         Path(f"{job['log']}.code{rank}").write_text(str(code))
     distributed.exit_process(0)
 
