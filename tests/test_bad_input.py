@@ -13,7 +13,7 @@ import typing
 import pytest
 import torch
 
-from conftest import REPO, run_python
+from conftest import REPO, run_ranks_many
 from loradrop_ds import config as config_lib
 from loradrop_ds.config import ConfigError, load_config, parse_overrides, template_problem
 from loradrop_ds.data import DataError, check_utf8, load_table, tokenize_table
@@ -78,29 +78,38 @@ CLI_CASES = ["recipe_with_tab", "infinite_lr", "positional_template", "data_not_
              "deepspeed_not_object", "encoder_decoder", "truncated_weights", "tokenizer_too_big"]
 
 
+BEFORE = {"notes.txt": b"a day of 64 GPUs\n", "eval.csv": b"step,acc\n50,0.82\n"}
+
+
+@pytest.fixture(scope="module")
+def cli_case_runs(tiny_model, tmp_path_factory) -> dict:
+    """Each case's one-process run (all in one process: ``run_ranks_many``) into an
+    output_dir that already holds files of the user's (``BEFORE``); (run, output_dir,
+    expected text in the one error line) per case."""
+    root = tmp_path_factory.mktemp("cli_cases")
+    runs, outs, expected = [], {}, {}
+    for case in CLI_CASES:
+        out = outs[case] = root / case / "run"
+        out.mkdir(parents=True)
+        for name, content in BEFORE.items():  # the CLI must neither change them nor add any
+            (out / name).write_bytes(content)
+        extra, expected[case] = _cli_case(case, root / case, tiny_model)
+        args = [f"model.path={tiny_model}", f"output_dir={out}", "deepspeed=ds_configs/zero3_tiny.json",
+                "loradrop.sampling_steps=2", "loradrop.sample_ratio=0.05", "train.max_steps=2", "train.warmup_steps=1",
+                "train.micro_batch_size=4", "data.max_eval_examples=8", "lora.target_modules=[q_proj,v_proj]"]
+        runs.append(extra + args if extra[0] == "--config" else args + extra)
+    procs = run_ranks_many(runs, root / "logs", nproc=1, check=False)
+    return {case: (proc, outs[case], expected[case]) for case, proc in zip(CLI_CASES, procs, strict=True)}
+
+
 @pytest.mark.parametrize("case", CLI_CASES)
-def test_cli_rejects_bad_input_in_one_line_and_changes_nothing(tiny_model, tmp_path, case):
-    out = tmp_path / "run"
-    out.mkdir()
-    # Files that were there before: the CLI must neither change them nor add any (a run's config.yaml,
-    # metrics.jsonl, checkpoints).
-    before = {"notes.txt": b"a day of 64 GPUs\n", "eval.csv": b"step,acc\n50,0.82\n"}
-    for name, content in before.items():
-        (out / name).write_bytes(content)
-    extra, expected = _cli_case(case, tmp_path, tiny_model)
-    args = [f"model.path={tiny_model}", f"output_dir={out}", "deepspeed=ds_configs/zero3_tiny.json",
-            "loradrop.sampling_steps=2", "loradrop.sample_ratio=0.05", "train.max_steps=2", "train.warmup_steps=1",
-            "train.micro_batch_size=4", "data.max_eval_examples=8", "lora.target_modules=[q_proj,v_proj]"]
-    if extra[0] == "--config":
-        args = extra + args
-    else:
-        args += extra
-    proc = run_python([str(TRAIN), *args])
+def test_cli_rejects_bad_input_in_one_line_and_changes_nothing(cli_case_runs, case):
+    proc, out, expected = cli_case_runs[case]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == BEFORE
 
 
 # ------------------------------------------------------------------------ recipes and overrides
