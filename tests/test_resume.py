@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, finished_run_args, run_python, run_ranks
+from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
 from loradrop_ds import run_checkpoint as ckpt
 
 TRAIN = REPO / "launch" / "train.py"
@@ -108,26 +108,32 @@ def test_checkpoint_holds_no_frozen_base_weights(reference_run, tiny_model):
 
 
 def test_resume_refuses_a_finished_run_other_settings_and_never(tiny_model, reference_run, tmp_path):
-    run = tmp_path / "copy"
-    shutil.copytree(reference_run, run)
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    proc = run_python([str(TRAIN), *args(tiny_model, run)])  # resume=auto on a finished run
-    assert proc.returncode == 2 and "holds a finished run (summary.json, adapter)" in proc.stderr, proc.stderr[-2000:]
-    assert "overwrite=true" in proc.stderr and "new output_dir" in proc.stderr
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # not a byte changed
-    (run / "summary.json").unlink()  # as if killed after its last checkpoint, before the end
-    shutil.rmtree(run / "adapter")
-    proc = run_python([str(TRAIN), *args(tiny_model, run, "lora.r=4")])
-    assert proc.returncode == 2 and "lora.r: checkpoint 8, now 4" in proc.stderr, proc.stderr[-2000:]
-    proc = run_python([str(TRAIN), *args(tiny_model, run, "train.grad_accum=3")])  # 1 rank, another global batch
-    assert proc.returncode == 2 and "train.grad_accum: checkpoint 1, now 3" in proc.stderr, proc.stderr[-2000:]
-    proc = run_python([str(TRAIN), *args(tiny_model, run, "resume=never")])
-    assert proc.returncode == 2 and "already holds a run and resume=never" in proc.stderr
-    proc = run_python([str(TRAIN), *args(tiny_model, run, f"resume={tmp_path}/nothing")])
-    assert proc.returncode == 2 and "no such checkpoint directory" in proc.stderr
+    finished, unfinished = tmp_path / "finished", tmp_path / "unfinished"
+    shutil.copytree(reference_run, finished)
+    shutil.copytree(reference_run, unfinished)
+    (unfinished / "summary.json").unlink()  # as if killed after its last checkpoint, before the end
+    shutil.rmtree(unfinished / "adapter")
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    # One process, one run after another (run_ranks_many); each must refuse before changing anything.
+    procs = run_ranks_many([args(tiny_model, finished),  # resume=auto on a finished run
+                            args(tiny_model, unfinished, "lora.r=4"),
+                            args(tiny_model, unfinished, "train.grad_accum=3"),  # 1 rank, another global batch
+                            args(tiny_model, unfinished, "resume=never"),
+                            args(tiny_model, unfinished, f"resume={tmp_path}/nothing")],
+                           tmp_path / "logs", nproc=1, check=False)
+    finished_run, other_r, other_batch, never, nothing = procs
+    assert finished_run.returncode == 2 and "holds a finished run (summary.json, adapter)" in finished_run.stderr, \
+        finished_run.stderr[-2000:]
+    assert "overwrite=true" in finished_run.stderr and "new output_dir" in finished_run.stderr
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before  # not a byte changed
+    assert other_r.returncode == 2 and "lora.r: checkpoint 8, now 4" in other_r.stderr, other_r.stderr[-2000:]
+    assert other_batch.returncode == 2 and "train.grad_accum: checkpoint 1, now 3" in other_batch.stderr, \
+        other_batch.stderr[-2000:]
+    assert never.returncode == 2 and "already holds a run and resume=never" in never.stderr
+    assert nothing.returncode == 2 and "no such checkpoint directory" in nothing.stderr
     # Nothing was overwritten by the refused runs.
-    assert [p.name for p, _ in ckpt.list_checkpoints(run)] == ["main-step0000006", "main-step0000004",
-                                                              "main-step0000002"]
+    assert [p.name for p, _ in ckpt.list_checkpoints(unfinished)] == ["main-step0000006", "main-step0000004",
+                                                                     "main-step0000002"]
 
 
 @pytest.mark.parametrize("point", ["before-marker", "before-rename"])
