@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 from test_resume import assert_same_run
 
-from conftest import REPO, finished_run_args, run_ranks
+from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
 from loradrop_ds.importance import select_top
 
 TRAIN = REPO / "launch" / "train.py"
@@ -23,11 +23,24 @@ def read(out, name):
     return json.loads((out / name).read_text())
 
 
+RUNS = {"auto": AUTO, "param_budget": ["loradrop.param_budget=0.5"],
+        "param_norm": ["loradrop.selection=param_norm", "train.keep_last=10"],
+        "grad_norm": ["loradrop.selection=grad_norm", "train.keep_last=10"]}
+
+
 @pytest.fixture(scope="module")
-def auto_run(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("auto") / "run"
-    run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO))
-    return out
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """The module's finished runs, by name, trained one after another in one set of rank
+    processes (``run_ranks_many``)."""
+    root = tmp_path_factory.mktemp("selection_cli")
+    outs = {name: root / name / "run" for name in RUNS}
+    run_ranks_many([finished_run_args(tiny_model, outs[name], *extra) for name, extra in RUNS.items()], root / "logs")
+    return outs
+
+
+@pytest.fixture(scope="module")
+def auto_run(runs):
+    return runs["auto"]
 
 
 def test_auto_sampling_stops_at_the_first_settled_check(auto_run):
@@ -64,9 +77,8 @@ def test_auto_sampling_resumes_exactly_after_a_kill(tiny_model, tmp_path, auto_r
     assert read(out, "selection.json")["history"] == read(auto_run, "selection.json")["history"]
 
 
-def test_param_budget_trains_exactly_what_it_counted(tiny_model, tmp_path):
-    out = tmp_path / "run"
-    run_ranks(TRAIN, finished_run_args(tiny_model, out, "loradrop.param_budget=0.5"))
+def test_param_budget_trains_exactly_what_it_counted(runs):
+    out = runs["param_budget"]
     selection, summary = read(out, "selection.json"), read(out, "summary.json")
     # plain 4 x PER_LAYER; half of it holds one kept layer and the shared LoRA, not two kept layers
     assert summary["plain_lora_params"] == 4 * PER_LAYER
@@ -78,9 +90,8 @@ def test_param_budget_trains_exactly_what_it_counted(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["param_norm", "grad_norm"])
-def test_baselines_rank_by_their_scores_and_keep_output_norms_count(tiny_model, tmp_path, method):
-    out = tmp_path / "run"
-    run_ranks(TRAIN, finished_run_args(tiny_model, out, f"loradrop.selection={method}", "train.keep_last=10"))
+def test_baselines_rank_by_their_scores_and_keep_output_norms_count(runs, method):
+    out = runs[method]
     selection = read(out, "selection.json")
     scores = selection["scores"]
     assert selection["method"] == method and all(math.isfinite(s) and s > 0 for s in scores)

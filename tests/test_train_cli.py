@@ -21,15 +21,48 @@ def tiny_args(model_dir, out_dir, *extra):
             "lora.target_modules=[q_proj,v_proj,up_proj]", "train.save_probe_logits=true", *extra]
 
 
-@pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, tmp_path, granularity):
+def chat_setup(tiny_model, root):
+    """A copy of the tiny model with a chat template, and 120 WordNet rows as chats."""
+    import shutil
 
-    out = tmp_path / "run"
-    # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
-    warm = "true" if granularity == "module" else "false"
-    proc = run_ranks(TRAIN, tiny_args(tiny_model, out, f"loradrop.granularity={granularity}",
-                                      f"loradrop.warm_start={warm}"))
-    assert "=== loradrop_ds run summary ===" in proc.stdout
+    from test_data import CHAT_TEMPLATE
+
+    model_dir = root / "chat_model"
+    shutil.copytree(tiny_model, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    rows = [json.loads(line) for line in (REPO / "data/wordnet_categories/train.jsonl").read_text().splitlines()][:120]
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Define the category of: {r['definition']}"},
+        {"role": "assistant", "content": r["category"]}]}) + "\n" for r in rows))
+    return model_dir, chats
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict:
+    """The module's finished runs, by name: (output_dir, rank 0's log), trained one after
+    another in one set of rank processes (``run_ranks_many``)."""
+    root = tmp_path_factory.mktemp("train_cli")
+    chat_model, chats = chat_setup(tiny_model, root)
+    argvs = {
+        # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
+        "layer": tiny_args(tiny_model, root / "layer", "loradrop.granularity=layer", "loradrop.warm_start=false"),
+        "module": tiny_args(tiny_model, root / "module", "loradrop.granularity=module", "loradrop.warm_start=true"),
+        "bf16": tiny_args(tiny_model, root / "bf16", "model.dtype=bfloat16"),
+        "chat": tiny_args(chat_model, root / "chat", f"data.train_file={chats}", "data.eval_file=null",
+                          "data.eval_split_ratio=0.1", "data.format=messages", "data.label_field=null",
+                          "data.packing=true", "data.max_seq_len=96", "train.max_steps=null", "train.num_epochs=1",
+                          "loradrop.sample_ratio=0.3", "train.report_to=[tensorboard]"),
+    }
+    procs = run_ranks_many(list(argvs.values()), root / "logs")
+    return {name: (root / name, proc.stderr) for name, proc in zip(argvs, procs, strict=True)}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, runs, granularity):
+    out, log = runs[granularity]
+    assert "=== loradrop_ds run summary ===" in log
 
     selection = json.loads((out / "selection.json").read_text())
     for key in ("raw_sums", "importance", "token_count", "kept_layers", "shared_layers", "threshold", "granularity"):
@@ -110,15 +143,14 @@ def test_bad_input_is_rejected_before_training(bad_input_runs, case):
     assert not (out / "metrics.jsonl").exists()  # nothing trained, nothing logged
 
 
-def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, tmp_path):
+def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, runs):
     """The GPU precision path on CPU: a bf16 base (DeepSpeed bf16, gradients reduced in
     fp32), adapters kept in fp32, through the whole CLI; the adapter reloads in plain peft
     on a bf16 base to the trained model's logits (bf16 tolerance)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    run_ranks(TRAIN, tiny_args(tiny_model, out, "model.dtype=bfloat16"))
+    out, _ = runs["bf16"]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float32}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -169,31 +201,13 @@ def test_the_base_weights_are_read_once(tiny_model, tmp_path):
     assert [r["step"] for r in records if r["stage"] == "main" and "loss" in r] == [1, 2, 3, 4]
 
 
-def test_chat_data_packed_for_epochs_with_a_carved_eval_set(tiny_model, tmp_path):
+def test_chat_data_packed_for_epochs_with_a_carved_eval_set(runs):
     """data.format=messages through the tokenizer's chat template, packing, train.num_epochs,
     data.eval_split_ratio and a tracker, on 2 ranks; the adapter reloads in plain peft."""
-    import shutil
-
-    from test_data import CHAT_TEMPLATE
-
-    model_dir = tmp_path / "chat_model"
-    shutil.copytree(tiny_model, model_dir)
-    config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    rows = [json.loads(line) for line in (REPO / "data/wordnet_categories/train.jsonl").read_text().splitlines()][:120]
-    chats = tmp_path / "chats.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": f"Define the category of: {r['definition']}"},
-        {"role": "assistant", "content": r["category"]}]}) + "\n" for r in rows))
-    out = tmp_path / "run"
-    args = tiny_args(model_dir, out, f"data.train_file={chats}", "data.eval_file=null", "data.eval_split_ratio=0.1",
-                     "data.format=messages", "data.label_field=null", "data.packing=true", "data.max_seq_len=96",
-                     "train.max_steps=null", "train.num_epochs=1", "loradrop.sample_ratio=0.3",
-                     "train.report_to=[tensorboard]")
-    proc = run_ranks(TRAIN, args)
-    assert "=== loradrop_ds run summary ===" in proc.stdout
+    out, log = runs["chat"]
+    assert "=== loradrop_ds run summary ===" in log
     # 120 rows: 12 carved for eval (round(0.1 * 120)), 108 trained on.
-    assert "data: 108 training examples, 12 eval" in proc.stderr
+    assert "data: 108 training examples, 12 eval" in log
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     main_steps = [r for r in records if r["stage"] == "main" and "loss" in r]
     summary = json.loads((out / "summary.json").read_text())
@@ -202,4 +216,4 @@ def test_chat_data_packed_for_epochs_with_a_carved_eval_set(tiny_model, tmp_path
     assert 1 <= len(main_steps) == summary["main"]["steps"] < 13
     assert summary["final"]["eval_loss"] < summary["zero_shot"]["eval_loss"]
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))  # train.report_to reached the tracker
-    assert_adapter_reproduces_run(model_dir, out, tol=1e-4)
+    assert_adapter_reproduces_run(out.parent / "chat_model", out, tol=1e-4)
