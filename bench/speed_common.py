@@ -47,18 +47,16 @@ def prepare_inputs(cfg: Any, rank: int, local_rank: int, world_size: int) -> dic
     from loradrop_ds.model import (
         BUILTIN_PREFIX,
         cache_dir,
-        describe_modules,
-        load_model_config,
         load_tokenizer,
         prepare_builtin_model,
     )
+    from loradrop_ds.model_dims import read_model_dims
 
     if cfg.model.path.startswith(BUILTIN_PREFIX) and local_rank == 0:
         prepare_builtin_model(cfg.model.path[len(BUILTIN_PREFIX):])
     dist.barrier()
-    model_config = load_model_config(cfg.model)
-    modules = describe_modules(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
-    ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
+    dims = read_model_dims(cfg.model, cfg.lora.target_modules)
+    ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(dims, cfg.lora.r))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     if local_rank == 0:
         data_lib.prepare_tokenized(cfg.data.train_file, "data.train_file", tokenizer, cfg.data, cache_dir(),
@@ -69,7 +67,7 @@ def prepare_inputs(cfg: Any, rank: int, local_rank: int, world_size: int) -> dic
     if cfg.data.eval_split_ratio > 0 and not cfg.data.eval_file:
         train_rows, _ = data_lib.split_for_eval(len(train_set), cfg.data.eval_split_ratio, cfg.seed)
         train_set = train_set.subset(train_rows)
-    return {"tokenizer": tokenizer, "ds_config": ds_config, "train_set": train_set, "modules": modules}
+    return {"tokenizer": tokenizer, "ds_config": ds_config, "train_set": train_set, "modules": dims}
 
 
 def peak_rss_gib() -> float:

@@ -14,21 +14,25 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError
+from .model_dims import ModelDims
 
 
 @dataclass
 class SizeHints:
-    """Model dimensions that size ZeRO-3's buffers ("auto" values in a ds_config)."""
+    """The three numbers that size ZeRO-3's buffers ("auto" values in a ds_config). A view of
+    ``ModelDims`` and the LoRA rank (:meth:`for_model`), not a second record of the model: it
+    stays because the largest LoRA matrix depends on the rank, which is no model dimension, and
+    so that ``load_ds_config`` can be given hand-worked sizes (tests/test_engine.py)."""
 
     hidden_size: int
     largest_weight_numel: int  # the largest linear weight in a decoder layer (a 70B MLP weight: 2.35e8)
     largest_lora_numel: int  # the largest LoRA A or B matrix: r x max(in, out)
 
     @classmethod
-    def for_model(cls, modules: Any, lora_r: int) -> SizeHints:
-        """From a ``model.ModuleInfo`` (read on the meta device) and the LoRA rank."""
-        largest_lora = lora_r * max(max(shape) for shape in modules.shapes.values())
-        return cls(modules.hidden_size, modules.largest_weight_numel, largest_lora)
+    def for_model(cls, dims: ModelDims, lora_r: int) -> SizeHints:
+        """From the model's dimensions (read on the meta device) and the LoRA rank."""
+        largest_lora = lora_r * max(max(shape) for shape in dims.target_shapes.values())
+        return cls(dims.hidden_size, dims.largest_weight_numel, largest_lora)
 
 
 def zero3_auto_values(hints: SizeHints) -> dict[str, int]:

@@ -236,30 +236,6 @@ def check_tokenizer_fits(tokenizer: Any, model_config: Any, tokenizer_path: str)
             "(model.tokenizer=null) or one made for this model")
 
 
-@dataclass
-class ModuleInfo:
-    """Layer structure of a causal LM, read from a weightless (meta-device) copy."""
-
-    num_layers: int
-    # target module type -> (in_features, out_features); same in every layer.
-    shapes: dict[str, tuple[int, int]]
-    hidden_size: int
-    # the largest nn.Linear weight of any decoder layer (sizes ZeRO-3's prefetch bucket)
-    largest_weight_numel: int
-
-
-def describe_modules(model_config: Any, target_modules: list[str], trust_remote_code: bool = False) -> ModuleInfo:
-    """Check that every target module exists as an ``nn.Linear`` in every decoder layer.
-
-    Builds the model on the meta device: no memory, no weights read, even for 70B.
-    """
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    return module_info(model, target_modules)
-
-
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The decoder layer list of a (possibly peft-wrapped) LLaMA-style model."""
     for name, module in model.named_modules():
@@ -289,31 +265,6 @@ def parse_layer_key(name: str) -> Optional[LayerKey]:
         if parts[i] == "layers" and parts[i + 1].isdigit():
             return LayerKey(int(parts[i + 1]), parts[i + 2], parts[i + 3], ".".join(parts[i + 4:]))
     return None
-
-
-def module_info(model: torch.nn.Module, target_modules: list[str]) -> ModuleInfo:
-    layers = decoder_layers(model)
-    shapes: dict[str, tuple[int, int]] = {}
-    largest = max((m.in_features * m.out_features for m in layers.modules() if isinstance(m, torch.nn.Linear)),
-                  default=0)
-    for i, layer in enumerate(layers):
-        found = {}
-        for name, module in layer.named_modules():
-            short = name.rsplit(".", 1)[-1]
-            if short in target_modules and hasattr(module, "in_features"):
-                found[short] = (module.in_features, module.out_features)
-        missing = [m for m in target_modules if m not in found]
-        if missing:
-            present = sorted({n.rsplit(".", 1)[-1] for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)})
-            raise ModelError(
-                f"lora.target_modules {missing} not found in decoder layer {i}; "
-                f"linear modules there are {present}"
-            )
-        for m, shape in found.items():
-            if shapes.setdefault(m, shape) != shape:
-                raise ModelError(f"{m} has shape {shape} in layer {i} but {shapes[m]} in layer 0: cannot share one LoRA")
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None) or max(i for i, _ in shapes.values())
-    return ModuleInfo(num_layers=len(layers), shapes=shapes, hidden_size=int(hidden), largest_weight_numel=largest)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

@@ -34,18 +34,17 @@ from .importance import ParamCosts, check_selection_request, lora_param_count
 from .lora import shared_gain_numel
 from .model import (
     BUILTIN_PREFIX,
-    ModuleInfo,
     cache_dir,
     check_architecture,
     check_tokenizer_fits,
     check_weight_files,
-    describe_modules,
     load_model_config,
     load_tokenizer,
     prepare_builtin_model,
     resolve_attn_implementation,
     resolve_model_path,
 )
+from .model_dims import ModelDims, dims_from_config
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 class Inputs:
     """Everything checked before heavy work starts."""
 
-    modules: ModuleInfo
+    dims: ModelDims  # read once here; the memory check and the recipe's Pruner take them from here
     tokenizer: Any
     attn_implementation: str
     base_model: dict  # the base's identity, recorded in checkpoints (run_checkpoint.base_model_identity)
@@ -108,29 +107,31 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     and (rank 0) that output_dir is writable. Each node's local rank 0 also tokenises the
     data into the cache (read_data reads it on every rank). Runs on every rank; raises
     one of USER_ERRORS for bad input."""
+    # Read as from_pretrained will read it (the hub included), not from launch/plan.py's shipped
+    # copies: a model that cannot be loaded is refused here. Read once per run: see ``dims``.
     model_config = load_model_config(cfg.model)
     check_architecture(model_config, cfg.model.path)
     check_weight_files(cfg.model.path)  # headers only: missing shards, truncated files
-    modules = describe_modules(model_config, cfg.lora.target_modules, cfg.model.trust_remote_code)
+    dims = dims_from_config(model_config, cfg.lora.target_modules, cfg.model)  # the run's one weightless model
     attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
-    ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(modules, cfg.lora.r))
+    ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(dims, cfg.lora.r))
     if not cfg.train.skip_memory_check:  # the estimate of launch/plan.py against this machine
         device_memory = (torch.cuda.get_device_properties(info.device).total_memory if info.device.type == "cuda"
                          else None)  # CPU ranks: every rank's tensors counted against the host's RAM
         problem = planner.check_memory(cfg, info.world_size, planner.ranks_per_node(info.world_size), device_memory,
-                                       planner.host_memory_bytes(), attn_implementation=attn)
+                                       planner.host_memory_bytes(), attn_implementation=attn, dims=dims)
         if problem is not None:
             raise config_lib.ConfigError(problem)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     check_tokenizer_fits(tokenizer, model_config, cfg.model.tokenizer or cfg.model.path)
-    plain = modules.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in modules.shapes.values())
+    plain = dims.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in dims.target_shapes.values())
     drop = cfg.loradrop
-    costs = ParamCosts({m: lora_param_count(i, o, cfg.lora.r) for m, (i, o) in modules.shapes.items()},
-                       modules.num_layers, drop.train_shared,
+    costs = ParamCosts({m: lora_param_count(i, o, cfg.lora.r) for m, (i, o) in dims.target_shapes.items()},
+                       dims.num_layers, drop.train_shared,
                        shared_gain_numel(drop.shared_scale, cfg.lora.r))
     if drop.enabled:
         check_selection_request(drop.selection, drop.keep, drop.num_kept, drop.param_budget, drop.granularity,
-                                modules.num_layers, list(cfg.lora.target_modules), costs)
+                                dims.num_layers, list(cfg.lora.target_modules), costs)
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
     out_dir = Path(cfg.output_dir)
     resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir, cfg.overwrite)
@@ -146,7 +147,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
             raise config_lib.ConfigError(f"output_dir={out_dir} is not writable ({e.strerror}); choose another") from e
     if info.local_rank == 0:
         tokenize_data(cfg, tokenizer, build=True)
-    return Inputs(modules, tokenizer, attn, base, plain, costs, ds_config, resume)
+    return Inputs(dims, tokenizer, attn, base, plain, costs, ds_config, resume)
 
 
 def tokenize_data(cfg: config_lib.Config, tokenizer: Any, build: bool

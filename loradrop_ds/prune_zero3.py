@@ -43,7 +43,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,35 +55,16 @@ from . import prune_files
 from .lora import ADAPTER, WeightGradTap, lora_layers
 from .metrics import format_count
 from .model import decoder_layers
+from .model_dims import ModelDims
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What the masks index: read from the model's config."""
-
-    num_layers: int
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate: int
-
-    @classmethod
-    def of(cls, model_config: Any) -> Shape:
-        heads = model_config.num_attention_heads
-        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-        return cls(model_config.num_hidden_layers, model_config.hidden_size, heads,
-                   getattr(model_config, "num_key_value_heads", None) or heads, head_dim,
-                   model_config.intermediate_size)
-
-
-def pruner_for_run(model: nn.Module, cfg: Any, main_steps: int, device: torch.device,
+def pruner_for_run(model: nn.Module, cfg: Any, dims: ModelDims, main_steps: int, device: torch.device,
                    resume_path: Optional[Path]) -> Pruner:
-    """The main stage's Pruner (``cfg``: the run's Config); ``resume_path``: the main-stage
-    checkpoint the run resumes from, whose prune state it continues, or None."""
-    from .model import load_model_config
+    """The main stage's Pruner (``cfg``: the run's Config; ``dims``: the model's, as preflight
+    read them, ``Inputs.dims``); ``resume_path``: the main-stage checkpoint the run resumes
+    from, whose prune state it continues, or None."""
     from .run_checkpoint import CheckpointError
 
     state = None
@@ -93,8 +73,7 @@ def pruner_for_run(model: nn.Module, cfg: Any, main_steps: int, device: torch.de
         if state is None:  # pruning would restart from nothing in the middle of the schedule
             raise CheckpointError(f"{resume_path} holds no prune/state.safetensors although prune.target_sparsity > 0; "
                                   "resume from a checkpoint this run wrote")
-    pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
-                    main_steps, device, state=state)
+    pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), dims, main_steps, device, state=state)
     log.info("LoRAPrune: target sparsity %.2f, score and mask updates after steps %s, exempt layers %s",
              cfg.prune.target_sparsity, pruner.steps, pruner.exempt)
     return pruner
@@ -116,16 +95,16 @@ class Pruner:
     A and B gathered) and pass it to ``train_stage`` as the recorder; call :meth:`update`
     after each step in :attr:`steps`."""
 
-    def __init__(self, model: nn.Module, cfg: Any, module_names: list[str], shape: Shape, total_steps: int,
+    def __init__(self, model: nn.Module, cfg: Any, module_names: list[str], dims: ModelDims, total_steps: int,
                  device: torch.device, state: Optional[prune_lib.PruneState] = None):
-        self.cfg, self.shape, self.total_steps, self.device = cfg, shape, total_steps, device
-        self.exempt = prune_lib.exempt_layers(shape.num_layers, cfg.exempt_first_fraction, cfg.exempt_last)
+        self.cfg, self.dims, self.total_steps, self.device = cfg, dims, total_steps, device
+        self.exempt = prune_lib.exempt_layers(dims.num_layers, cfg.exempt_first_fraction, cfg.exempt_last)
         self.steps = update_steps(total_steps, cfg.every, cfg.end_fraction)
         structures = ([("attn", prune_lib.ATTN_MODULES)] if cfg.heads else []) + \
                      ([("mlp", prune_lib.MLP_MODULES)] if cfg.channels else [])
         self.scored = {name: [m for m in mods if m in module_names] for name, mods in structures}
         self.state = state or prune_lib.PruneState.new(
-            prune_lib.initial_masks(shape.num_layers, shape.num_kv_heads, shape.intermediate))
+            prune_lib.initial_masks(dims.num_layers, dims.num_kv_heads, dims.intermediate_size))
         self._uses = {key: layer for key, layer in lora_layers(model, list(module_names)).items()
                       if key[0] not in self.exempt and any(key[1] in mods for mods in self.scored.values())}
         self._grads: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -177,7 +156,7 @@ class Pruner:
 
     def _refresh_device_masks(self) -> None:
         """The input multipliers of o_proj and down_proj for layers with anything pruned."""
-        s, n_rep = self.shape, self.shape.num_heads // self.shape.num_kv_heads
+        s, n_rep = self.dims, self.dims.num_heads // self.dims.num_kv_heads
         self._device_masks = {}
         for layer, structures in self.state.masks.items():
             if layer in self.exempt:
@@ -228,7 +207,7 @@ class Pruner:
             n = self._grads[k].numel()
             grads[k] = flat[offset:offset + n].view_as(self._grads[k])
             offset += n
-        s = self.shape
+        s = self.dims
         new_scores: dict[int, dict[str, torch.Tensor]] = {}
         for (layer, module_name), lora_layer in sorted(self._uses.items()):
             weight = lora_layer.base_layer.weight
@@ -265,7 +244,8 @@ class Pruner:
         self._refresh_device_masks()
         self._check_agreement(world_size)
         sparsity = prune_lib.mask_sparsity(self.state.masks)
-        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden, s.num_heads, s.num_kv_heads, s.head_dim)
+        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden_size, s.num_heads, s.num_kv_heads,
+                                               s.head_dim)
         # The wall time of this update on this rank, to the mask agreement check (whose
         # all_gather result is read on the host, so device work is included).
         return {"stage": "prune", "prune_ratio": ratio, "attn_groups_pruned": sparsity["attn"],
@@ -282,9 +262,10 @@ class Pruner:
 
     # ------------------------------------------------------------------ files
     def summary(self) -> dict:
-        s = self.shape
+        s = self.dims
         sparsity = prune_lib.mask_sparsity(self.state.masks)
-        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden, s.num_heads, s.num_kv_heads, s.head_dim)
+        removed = prune_lib.pruned_param_count(self.state.masks, s.hidden_size, s.num_heads, s.num_kv_heads,
+                                               s.head_dim)
         return {"target_sparsity": self.cfg.target_sparsity, "updates": self.state.updates,
                 "exempt_layers": self.exempt, "attn_groups_pruned": sparsity["attn"],
                 "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"],
@@ -294,8 +275,8 @@ class Pruner:
     def log_summary(self, summary: dict) -> None:
         """What the run pruned, at its end (``summary``: :meth:`summary`'s result)."""
         log.info("LoRAPrune: %d of %d KV groups and %d of %d MLP channels per layer kept (layers %s exempt); "
-                 "%s base parameters removed", min(summary["kept_groups"]), self.shape.num_kv_heads,
-                 min(summary["kept_channels"]), self.shape.intermediate, self.exempt,
+                 "%s base parameters removed", min(summary["kept_groups"]), self.dims.num_kv_heads,
+                 min(summary["kept_channels"]), self.dims.intermediate_size, self.exempt,
                  format_count(summary["base_params_removed"]))
         if self.exempt:
             log.info("LoRAPrune: exempt layers keep full width, and `launch/export.py --format pruned` writes every "
@@ -338,9 +319,10 @@ def masks_digest(masks: prune_lib.Masks) -> str:
 
 def write_prune_dir(directory: Path, pruner: Pruner) -> list[Path]:
     """``directory/prune/`` (:func:`loradrop_ds.prune_files.write_prune_dir`) from ``pruner``'s
-    state, with its summary and the model shape in prune.json. Rank 0 only; returns the files."""
-    s = pruner.shape
+    state, with its summary and the model's dimensions in prune.json (under config.json's key
+    names: a file format the pruned export reads). Rank 0 only; returns the files."""
+    s = pruner.dims
     info = {**pruner.summary(), "num_attention_heads": s.num_heads, "num_key_value_heads": s.num_kv_heads,
-            "head_dim": s.head_dim, "intermediate_size": s.intermediate, "hidden_size": s.hidden,
+            "head_dim": s.head_dim, "intermediate_size": s.intermediate_size, "hidden_size": s.hidden_size,
             "num_hidden_layers": s.num_layers, "masks_sha256": masks_digest(pruner.state.masks)}
     return prune_files.write_prune_dir(directory, pruner.state, info)

@@ -7,7 +7,8 @@ import torch
 from loradrop_ds.config import LoraConfig
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import ImportanceRecorder, add_lora, lora_layers, tie_shared_lora, trainable_parameter_count
-from loradrop_ds.model import ModelError, describe_modules
+from loradrop_ds.model import ModelError
+from loradrop_ds.model_dims import dims_from_config
 from workers.common import hand_selection, randomize_lora_b
 
 MODULES = ["q_proj", "v_proj", "down_proj"]
@@ -93,12 +94,12 @@ def test_target_modules_are_checked_on_a_weightless_model(tiny_model):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model)
-    info = describe_modules(config, ["q_proj", "down_proj"])
+    info = dims_from_config(config, ["q_proj", "down_proj"])
     assert info.num_layers == 4
     assert info.shapes == {"q_proj": (64, 64), "down_proj": (128, 64)}
     expected = r"lora.target_modules \['wq'\] not found in decoder layer 0; linear modules there are \["
     with pytest.raises(ModelError, match=expected):
-        describe_modules(config, ["q_proj", "wq"])
+        dims_from_config(config, ["q_proj", "wq"])
 
 
 def test_warm_start_copies_kept_lora_and_leaves_shared_fresh(tiny_model, peft_model, tmp_path):

@@ -33,7 +33,7 @@ def tiny_llama(layers: int = 2, tied: bool = True, device: str = "meta", **dims)
 
 
 def tiny_spec(layers: int = 2, targets: tuple[str, ...] = ("q_proj", "v_proj"), **changes) -> planner.RunSpec:
-    shape = planner.shape_from_model(tiny_llama(layers), list(targets))
+    shape = planner.ModelDims.from_model(tiny_llama(layers), list(targets))
     spec = planner.RunSpec(model=shape, world_size=2, gpus_per_node=2, device="cuda", dtype="bfloat16", lora_r=2,
                            lora_dropout=0.1, target_modules=targets, micro_batch_size=1, seq_len=4, grad_accum=1,
                            packing=False, gradient_checkpointing=False, attn_implementation="flash_attention_2",
@@ -49,8 +49,8 @@ def test_parameters_are_counted_from_the_config_and_a_tied_embedding_once():
     # embedding 10*8 = 80; a layer: q 8*8=64, k 8*4=32, v 32, o 64, gate/up/down 16*8=128 each, 2 norms of 8
     # = 592; final norm 8; an untied lm_head another 80.
     layer = 64 + 32 + 32 + 64 + 3 * 128 + 2 * 8
-    tied = planner.shape_from_model(tiny_llama(tied=True), ["q_proj", "v_proj"])
-    untied = planner.shape_from_model(tiny_llama(tied=False), ["q_proj", "v_proj"])
+    tied = planner.ModelDims.from_model(tiny_llama(tied=True), ["q_proj", "v_proj"])
+    untied = planner.ModelDims.from_model(tiny_llama(tied=False), ["q_proj", "v_proj"])
     assert tied.total_params == 80 + 2 * layer + 8 == 1272
     assert untied.total_params == 80 + 2 * layer + 8 + 80 == 1352
     assert tied.tied_embeddings and not untied.tied_embeddings
@@ -70,7 +70,7 @@ def test_shipped_configs_give_the_published_parameter_counts():
         values = dict(planner.KNOWN_MODEL_CONFIGS[name])
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(values.pop("model_type"), **values))
-        assert planner.shape_from_model(model, ["q_proj"]).total_params == count, name
+        assert planner.ModelDims.from_model(model, ["q_proj"]).total_params == count, name
 
 
 def test_lora_counts_per_stage():
@@ -121,7 +121,7 @@ def test_base_shard_partitions_each_parameter_and_keeps_persistent_ones_whole():
     # embedding 80 -> ceil(80/3)=27; a layer: q 64->22, k 32->11, v 32->11, o 64->22, gate/up/down
     # 128->43 each, and two norms of 8 (<= 10: persistent, so whole plus their partition of 3);
     # the final norm likewise.
-    shape = planner.shape_from_model(tiny_llama(), ["q_proj"])
+    shape = planner.ModelDims.from_model(tiny_llama(), ["q_proj"])
     zero = planner.ZeroSettings(param_persistence_threshold=10)
     elements = 27 + 2 * (22 + 11 + 11 + 22 + 3 * 43 + 2 * (8 + 3)) + (8 + 3)
     assert planner.zero3_param_bytes(shape.param_numels, 2, 3, zero) == 2 * elements
@@ -176,7 +176,7 @@ def test_zero_settings_take_deepspeed_defaults_and_the_engine_auto_rules():
     assert (defaults.prefetch_bucket_size, defaults.param_persistence_threshold, defaults.max_live_parameters,
             defaults.max_reuse_distance, defaults.reduce_bucket_size) == (5e7, 1e5, 1e9, 1e9, 5e8)
     cfg = load_config(REPO / "recipes" / "llama3_70b_loradrop.yaml")
-    shape = planner.read_model_shape(cfg.model, cfg.lora.target_modules)
+    shape = planner.read_model_dims(cfg.model, cfg.lora.target_modules)
     spec = planner.spec_from_config(cfg, shape, 8, 8, "cuda")
     # "auto" (engine.zero3_auto_values): prefetch max(0.9 * 8192^2, 28672 * 8192) = 234,881,024;
     # persistence max(10 * 8192, 16 * 28672) = 458,752; reduce bucket 8192^2.
@@ -249,7 +249,7 @@ def test_layer_activation_formula_matches_what_autograd_saves(dtype, dropout):
     model = tiny_llama(layers=3, tied=False, device="cpu", hidden_size=64, intermediate_size=176,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128).to(getattr(torch, dtype))
     model.config._attn_implementation = "sdpa"
-    shape = planner.shape_from_model(model, ALL_LINEAR)
+    shape = planner.ModelDims.from_model(model, ALL_LINEAR)
     for p in model.parameters():
         p.requires_grad_(False)
     model.enable_input_require_grads()  # as with checkpointing: every layer's input carries a gradient

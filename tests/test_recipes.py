@@ -94,12 +94,12 @@ def test_recipe_resolves_against_its_real_architecture(recipe, tmp_path):
     device from its config alone) and its DeepSpeed JSON resolves for that model."""
     from loradrop_ds.config import load_config
     from loradrop_ds.engine import SizeHints, load_ds_config
-    from loradrop_ds.model import describe_modules
+    from loradrop_ds.model_dims import dims_from_config
 
     cfg = load_config(recipe)
     assert cfg.model.path in REAL_MODELS, f"{recipe.name}: add the architecture of {cfg.model.path} to REAL_MODELS"
     real = _llama_config(REAL_MODELS[cfg.model.path])
-    modules = describe_modules(real, cfg.lora.target_modules)
+    modules = dims_from_config(real, cfg.lora.target_modules)
     assert modules.num_layers == real.num_hidden_layers
     h, kv = real.hidden_size, real.num_key_value_heads * (real.hidden_size // real.num_attention_heads)
     expected = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),

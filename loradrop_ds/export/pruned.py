@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..model import parse_layer_key
+from ..model_dims import attention_layout
 from ..prune_files import INFO_FILE, MASKS_FILE, PRUNE_DIR, mask_key, read_info, read_masks
 from .errors import ExportError, _json_object, _parsed, _read_safetensors_header
 from .merge import _BaseTensor, _MergePlan
@@ -122,8 +123,7 @@ def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
     try:
         hidden, heads, layers = int(config["hidden_size"]), int(config["num_attention_heads"]), \
             int(config["num_hidden_layers"])
-        kv = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
+        kv, head_dim = attention_layout(hidden, heads, config.get("num_key_value_heads"), config.get("head_dim"))
         inter = int(config["intermediate_size"])
     except (KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{plan.model_dir / 'config.json'}: no usable {e} setting; it is not a LLaMA config; "
@@ -192,7 +192,6 @@ def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
     # transformers' LlamaConfig refuses a hidden_size that num_attention_heads does not divide,
     # even with head_dim given (validate_architecture, 5.24); e.g. 6 kept groups of 4 heads on
     # hidden 4096. Widen to the next group count it accepts: more zero-padded groups, same output.
-    hidden = int(config["hidden_size"])
     while hidden % (width_g * n_rep) != 0 and width_g < kv:
         width_g += 1
     if width_g > max(len(g) for g, _ in kept_sets):

@@ -23,7 +23,8 @@ are named constants in ``calibration``, each with its reason.
 The modules, in the order each builds on the last:
 
 * ``units``: bytes per element of each dtype name, GiB and its printing.
-* ``model_shape``: ``ModelShape`` read off a meta-device model; where the config comes from.
+* ``loradrop_ds.model_dims`` (outside the package, shared with training): ``ModelDims`` read off a
+  meta-device model; where the config comes from. Re-exported here.
 * ``run_spec``: ``ZeroSettings`` (from the DeepSpeed config) and ``RunSpec`` (from a recipe).
 * ``zero3_rules``: how ZeRO-3 partitions, persists and gathers parameters.
 * ``activations``: the bytes a decoder layer saves for backward; the micro-batch's peak.
@@ -39,6 +40,7 @@ launch/plan.py's ``--gpu-mem`` and ``--host-mem``.
 
 from __future__ import annotations
 
+from ..model_dims import KNOWN_MODEL_CONFIGS, ModelDims, dims_from_config, read_model_config, read_model_dims
 from ..sizes import parse_size
 from .activations import (
     Activations,
@@ -58,7 +60,6 @@ from .calibration import (
     peft_anchor_spec,
 )
 from .memory_check import check_memory, explain_misfit, host_memory_bytes, plan_for_config, ranks_per_node
-from .model_shape import KNOWN_MODEL_CONFIGS, ModelShape, read_model_config, read_model_shape, shape_from_model
 from .run_spec import RunSpec, ZeroSettings, resolve_planned_attention, spec_from_config
 from .stage_estimate import (
     PRUNE_SCRATCH_BLOCKS,
@@ -78,8 +79,8 @@ from .zero3_rules import gathered_numel, hpz_secondary_bytes, is_persistent, par
 __all__ = [
     # units
     "DTYPE_BYTES", "GiB", "gib", "size", "parse_size",
-    # model_shape
-    "KNOWN_MODEL_CONFIGS", "ModelShape", "read_model_config", "read_model_shape", "shape_from_model",
+    # model_dims
+    "KNOWN_MODEL_CONFIGS", "ModelDims", "dims_from_config", "read_model_config", "read_model_dims",
     # run_spec
     "RunSpec", "ZeroSettings", "resolve_planned_attention", "spec_from_config",
     # zero3_rules

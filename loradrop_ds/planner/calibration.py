@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .model_shape import KNOWN_MODEL_CONFIGS, shape_from_model
+from ..model_dims import KNOWN_MODEL_CONFIGS, ModelDims
 from .run_spec import RunSpec, ZeroSettings
 from .units import GiB
 
@@ -71,9 +71,9 @@ def peft_anchor_spec() -> RunSpec:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    shape = shape_from_model(model, targets, "meta-llama/Llama-2-70b-hf (vocab 32008)",
-                             "shipped copy of the public config.json", "float16")
-    return RunSpec(model=shape, world_size=8, gpus_per_node=8, device="cuda", dtype="bfloat16", lora_r=8,
+    dims = ModelDims.from_model(model, targets, "meta-llama/Llama-2-70b-hf (vocab 32008)",
+                                "shipped copy of the public config.json", "float16")
+    return RunSpec(model=dims, world_size=8, gpus_per_node=8, device="cuda", dtype="bfloat16", lora_r=8,
                    lora_dropout=0.1, target_modules=tuple(targets), micro_batch_size=8, seq_len=2048, grad_accum=4,
                    packing=True, gradient_checkpointing=True, attn_implementation="flash_attention_2",
                    zero=ZeroSettings(), lora_dtype="bfloat16", loradrop=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..config import Config
+from ..model_dims import ModelDims, read_model_dims
 from .calibration import SAFETY_MARGIN
-from .model_shape import ModelShape, read_model_shape
 from .run_spec import RunSpec, spec_from_config
 from .stage_estimate import Plan, estimate
 from .units import GiB, gib
@@ -119,25 +119,28 @@ def explain_misfit(plan: Plan) -> str:
 def plan_for_config(cfg: Config, world_size: int, gpus_per_node: int, device_memory_bytes: Optional[int],
                     host_memory_bytes: Optional[int], device: Optional[str] = None,
                     attn_implementation: Optional[str] = None, kept_fraction: float = 1.0,
-                    shape: Optional[ModelShape] = None) -> Plan:
+                    dims: Optional[ModelDims] = None) -> Plan:
     """The estimate for a recipe. ``device`` defaults to cuda when a device memory is given,
-    else cpu (where the device is host RAM)."""
+    else cpu (where the device is host RAM). ``dims``: the model's, when the caller has read
+    them (a training run's preflight); else read here (launch/plan.py)."""
     device = device or ("cuda" if device_memory_bytes is not None else "cpu")
-    shape = shape or read_model_shape(cfg.model, cfg.lora.target_modules)
-    spec = spec_from_config(cfg, shape, world_size, gpus_per_node, device, attn_implementation, kept_fraction)
+    dims = dims or read_model_dims(cfg.model, cfg.lora.target_modules)
+    spec = spec_from_config(cfg, dims, world_size, gpus_per_node, device, attn_implementation, kept_fraction)
     return estimate(spec, device_memory_bytes, host_memory_bytes)
 
 
 def check_memory(cfg: Config, world_size: int, gpus_per_node: int, device_memory_bytes: Optional[int],
-                 host_memory_bytes: Optional[int], attn_implementation: Optional[str] = None) -> Optional[str]:
+                 host_memory_bytes: Optional[int], attn_implementation: Optional[str] = None,
+                 dims: Optional[ModelDims] = None) -> Optional[str]:
     """None when the run's estimate fits with ``SAFETY_MARGIN`` to spare, else one line naming
     what does not fit and what to change (and ``train.skip_memory_check=true``).
 
     GPUs: pass each GPU's memory; host RAM is checked too when ``host_memory_bytes`` is given.
     CPU: pass ``device_memory_bytes=None``; then every rank's tensors are host RAM and the
     ranks of one machine (``gpus_per_node``) are checked together against it.
+    ``dims``: the model's, as preflight read them; without them they are read here.
     Raises ConfigError / ModelError for a recipe or model that cannot be read.
     """
     plan = plan_for_config(cfg, world_size, gpus_per_node, device_memory_bytes, host_memory_bytes,
-                           attn_implementation=attn_implementation)
+                           attn_implementation=attn_implementation, dims=dims)
     return None if plan.fits else explain_misfit(plan)

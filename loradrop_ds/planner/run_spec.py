@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from ..config import Config, ConfigError
 from ..engine import SizeHints, load_ds_config
+from ..model_dims import ModelDims
 from ..prune_algorithm import ATTN_MODULES, MLP_MODULES, exempt_layers
-from .model_shape import ModelShape
 
 
 def _positive_int(zero: dict, keys: tuple[str, ...], default: int) -> int:
@@ -79,7 +79,7 @@ class ZeroSettings:
 class RunSpec:
     """Everything an estimate depends on; ``spec_from_config`` fills it from a recipe."""
 
-    model: ModelShape
+    model: ModelDims
     world_size: int
     gpus_per_node: int  # ranks per node (on CPU: processes per machine)
     device: str  # "cuda" or "cpu"
@@ -123,7 +123,7 @@ def resolve_planned_attention(requested: str, device: str, dtype: str) -> str:
     return "flash_attention_2" if device == "cuda" and dtype in ("bfloat16", "float16") else "sdpa"
 
 
-def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_node: int, device: str,
+def spec_from_config(cfg: Config, dims: ModelDims, world_size: int, gpus_per_node: int, device: str,
                      attn_implementation: Optional[str] = None, kept_fraction: float = 1.0) -> RunSpec:
     """A RunSpec from a validated recipe: the DeepSpeed config is read and its ``"auto"``
     sizes filled by loradrop_ds.engine (the same rules a run uses)."""
@@ -131,17 +131,16 @@ def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_n
         raise ConfigError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
     if not 0.0 <= kept_fraction <= 1.0:
         raise ConfigError(f"kept fraction must be in [0, 1], got {kept_fraction}")
-    modules = _as_module_info(shape)
-    ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
+    ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(dims, cfg.lora.r))
     attn = attn_implementation or resolve_planned_attention(cfg.model.attn_implementation, device, cfg.model.dtype)
     prune_layers, prune_modules = 0, ()
     if cfg.prune.target_sparsity > 0:  # what loradrop_ds.prune_zero3.Pruner scores
         scored = (ATTN_MODULES if cfg.prune.heads else ()) + (MLP_MODULES if cfg.prune.channels else ())
         prune_modules = tuple(m for m in cfg.lora.target_modules if m in scored)
-        prune_layers = shape.num_layers - len(exempt_layers(shape.num_layers, cfg.prune.exempt_first_fraction,
-                                                            cfg.prune.exempt_last))
+        prune_layers = dims.num_layers - len(exempt_layers(dims.num_layers, cfg.prune.exempt_first_fraction,
+                                                           cfg.prune.exempt_last))
     return RunSpec(
-        model=shape, world_size=world_size, gpus_per_node=min(gpus_per_node, world_size), device=device,
+        model=dims, world_size=world_size, gpus_per_node=min(gpus_per_node, world_size), device=device,
         dtype=cfg.model.dtype, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
         target_modules=tuple(cfg.lora.target_modules), micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.max_seq_len, packing=cfg.data.packing,
@@ -150,9 +149,3 @@ def spec_from_config(cfg: Config, shape: ModelShape, world_size: int, gpus_per_n
         kept_fraction=kept_fraction, train_shared=cfg.loradrop.train_shared,
         prune_layers=prune_layers, prune_modules=prune_modules,
     )
-
-
-def _as_module_info(shape: ModelShape) -> Any:
-    from ..model import ModuleInfo
-
-    return ModuleInfo(shape.num_layers, dict(shape.target_shapes), shape.hidden_size, shape.largest_weight_numel)

@@ -19,9 +19,9 @@ def tiny_config(model_dir: str, *overrides: str) -> config_lib.Config:
 def ds_config_for(cfg: config_lib.Config, world_size: int) -> dict:
     """The resolved DeepSpeed config of ``cfg``, sized from its model as the CLI does."""
     from loradrop_ds.engine import SizeHints, load_ds_config
-    from loradrop_ds.model import describe_modules, load_model_config
+    from loradrop_ds.model_dims import read_model_dims
 
-    modules = describe_modules(load_model_config(cfg.model), cfg.lora.target_modules)
+    modules = read_model_dims(cfg.model, cfg.lora.target_modules)
     return load_ds_config(cfg, world_size, SizeHints.for_model(modules, cfg.lora.r))
 
 

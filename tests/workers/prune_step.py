@@ -14,8 +14,9 @@ from loradrop_ds import distributed
 from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora
-from loradrop_ds.model import load_model, load_model_config, load_tokenizer
-from loradrop_ds.prune_zero3 import Pruner, Shape
+from loradrop_ds.model import load_model, load_tokenizer
+from loradrop_ds.model_dims import read_model_dims
+from loradrop_ds.prune_zero3 import Pruner
 from workers.common import TIED_KEPT_LAYERS as KEPT
 from workers.common import ds_config_for, hand_selection, randomize_lora_b, rank_batches, tiny_config
 
@@ -32,13 +33,13 @@ def main(model_dir: str, out_dir: str, mode: str = "") -> None:
     info = distributed.init_distributed()
     cfg = tiny_config(model_dir, *PRUNE, *(["model.gradient_checkpointing=true"] if mode == "checkpointing" else []))
     ds_config = ds_config_for(cfg, info.world_size)  # zero3_tiny.json: every weight partitioned
+    dims = read_model_dims(cfg.model, cfg.lora.target_modules)  # on the meta device, before ZeRO-3's Init is on
     model, _hf = load_model(cfg.model, ds_config, "cpu")
     model = add_lora(model, cfg.lora, cfg.seed)
     randomize_lora_b(model, seed=7, scale=0.5)
     tie_shared_lora(model, sharing_plan(hand_selection(4, cfg.lora.target_modules, KEPT)), train_shared=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), Shape.of(load_model_config(cfg.model)),
-                    TOTAL_STEPS, info.device)
+    pruner = Pruner(model, cfg.prune, list(cfg.lora.target_modules), dims, TOTAL_STEPS, info.device)
     engine = create_engine(model, ds_config, lr=1e-3, weight_decay=0.0, lr_factor=lr_lambda("constant", 0, 1, 1.0))
     batch = rank_batches(cfg, load_tokenizer(model_dir), per_rank=2, world=info.world_size)[info.rank]
     engine.train()  # from_pretrained leaves eval mode, where transformers skips activation checkpointing
