@@ -291,7 +291,7 @@ def rebuild(run: Run, selection: Optional[Selection], base: Optional[torch.nn.Mo
                  format_count(run.inputs.plain_lora_params), 100.0 * trainable / run.inputs.plain_lora_params)
     if cfg.prune.target_sparsity > 0:  # its hooks go on before DeepSpeed's (see loradrop_ds.prune_zero3)
         resumed_main = run.resumed is not None and run.resumed.stage == "main"
-        run.pruner = pruner_for_run(model, cfg, run.inputs.main_steps, info.device,
+        run.pruner = pruner_for_run(model, cfg, run.inputs.dims, run.inputs.main_steps, info.device,
                                     run.resume_path if resumed_main else None)
     engine = create_engine(model, run.inputs.ds_config, cfg.train.lr, cfg.train.weight_decay,
                            lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, run.inputs.main_steps,
@@ -354,7 +354,7 @@ def save(run: Run, engine: Any, selection: Optional[Selection], probe: Optional[
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in probe.items()}, run.out_dir / "probe_logits.safetensors")
-        summary = {"world_size": info.world_size, "num_layers": run.inputs.modules.num_layers,
+        summary = {"world_size": info.world_size, "num_layers": run.inputs.dims.num_layers,
                    "plain_lora_params": run.inputs.plain_lora_params, **run.results,
                    "wall_seconds_this_process": time.perf_counter() - run.wall_start,
                    "resumed_from": str(run.resume_path) if run.resume_path else None}

@@ -5,8 +5,9 @@ What runs where:
 * **Gradients of every LoRA use.** In a step that updates the scores, forward hooks on each
   use's ``lora_A`` and ``lora_B`` wrap the Linear's output in ``lora.WeightGradTap``, an
   identity autograd Function whose backward adds that micro-batch's weight gradient,
-  ``dL/dW = g^T x``, per (layer, module) use. ``.grad`` cannot be read instead: under ZeRO-3 it is reduce-scattered (and, for a LoRA
-  shared by many layers, summed over its uses) before anything could see it. The same
+  ``dL/dW = g^T x``, per (layer, module) use. ``.grad`` cannot be read instead: under
+  ZeRO-3 it is reduce-scattered (and, for a LoRA shared by many layers, summed over its
+  uses) before anything could see it. The same
   hooks copy A and B as the original forward saw them, i.e. before the optimizer step, as the authors
   do. The gradients are the unclipped ones (the authors score after clipping; with the
   default max_grad_norm of 1 that differs only in steps whose norm exceeds it, and then by a
