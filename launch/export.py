@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from loradrop_ds.export import FORMATS, ExportError, export, push_to_hub  # noqa: E402
-from loradrop_ds.model import ModelError  # noqa: E402
+from loradrop_ds.export import FORMATS, ExportError, export, push_to_hub
+from loradrop_ds.model import ModelError
 
 
 class _Parser(argparse.ArgumentParser):

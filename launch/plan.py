@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from loradrop_ds import planner  # noqa: E402
-from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths  # noqa: E402
-from loradrop_ds.config import ConfigError, load_config  # noqa: E402
-from loradrop_ds.model import ModelError  # noqa: E402
+from loradrop_ds import planner
+from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths
+from loradrop_ds.config import ConfigError, load_config
+from loradrop_ds.model import ModelError
 
 
 class BadInput(ValueError):

@@ -40,26 +40,26 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
+import torch
 
-from loradrop_ds import adapter_io, distributed  # noqa: E402
-from loradrop_ds import config as config_lib  # noqa: E402
-from loradrop_ds import data as data_lib  # noqa: E402
-from loradrop_ds import run_checkpoint as ckpt  # noqa: E402
-from loradrop_ds.atomic import atomic_write_text  # noqa: E402
-from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths  # noqa: E402
-from loradrop_ds.deepspeed_private import release_engine  # noqa: E402
-from loradrop_ds.distributed import DistInfo, RankFailure, run_on_every_rank  # noqa: E402
-from loradrop_ds.engine import create_engine, lr_lambda  # noqa: E402
-from loradrop_ds.errors import USER_ERRORS  # noqa: E402
-from loradrop_ds.importance import (  # noqa: E402
+from loradrop_ds import adapter_io, distributed
+from loradrop_ds import config as config_lib
+from loradrop_ds import data as data_lib
+from loradrop_ds import run_checkpoint as ckpt
+from loradrop_ds.atomic import atomic_write_text
+from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths
+from loradrop_ds.deepspeed_private import release_engine
+from loradrop_ds.distributed import RankFailure, run_on_every_rank
+from loradrop_ds.engine import create_engine, lr_lambda
+from loradrop_ds.errors import USER_ERRORS
+from loradrop_ds.importance import (
     Selection,
     compute_selection,
     rank_correlation,
     selection_settled,
-    sharing_plan,  # noqa: E402
+    sharing_plan,
 )
-from loradrop_ds.lora import (  # noqa: E402  # noqa: E402
+from loradrop_ds.lora import (
     ImportanceRecorder,
     adapter_as_module_state,
     add_lora,
@@ -68,70 +68,15 @@ from loradrop_ds.lora import (  # noqa: E402  # noqa: E402
     strip_lora,
     trainable_parameter_count,
 )
-from loradrop_ds.metrics import MetricsLogger, format_count, setup_logging, summary_text  # noqa: E402
-from loradrop_ds.model import load_model  # noqa: E402
-from loradrop_ds.plot import plot_importance, plot_selection_history  # noqa: E402
-from loradrop_ds.preflight import Inputs, preflight  # noqa: E402
-from loradrop_ds.prune_zero3 import Pruner, pruner_for_run, write_prune_dir  # noqa: E402
-from loradrop_ds.training import TrainingStage, evaluate  # noqa: E402
+from loradrop_ds.metrics import MetricsLogger, format_count, setup_logging, summary_text
+from loradrop_ds.model import load_model
+from loradrop_ds.plot import write_selection_files
+from loradrop_ds.preflight import preflight
+from loradrop_ds.prune_zero3 import pruner_for_run, write_prune_dir
+from loradrop_ds.run_context import Run
+from loradrop_ds.training import TrainingStage
 
 log = logging.getLogger("loradrop_ds.train")
-
-
-@dataclasses.dataclass
-class Run:
-    """What every stage of a run needs: settings, ranks, checked inputs, where results go."""
-
-    cfg: config_lib.Config
-    info: DistInfo
-    inputs: Inputs
-    logger: MetricsLogger
-    results: dict  # zero-shot and final eval, stage summaries: saved in checkpoints and summary.json
-    wall_start: float
-    hf_ds: Any = None  # transformers' ZeRO-3 config for the model in use: alive as long as the model is
-    pruner: Optional[Pruner] = None  # LoRAPrune's hooks and state in the main stage (prune.target_sparsity > 0)
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-    @property
-    def resume_path(self) -> Optional[Path]:
-        return self.inputs.resume[0] if self.inputs.resume else None
-
-    @property
-    def resumed(self) -> Optional[ckpt.RunState]:
-        return self.inputs.resume[1] if self.inputs.resume else None
-
-    def evaluate(self, engine: Any, desc: str, probe: Optional[dict] = None) -> dict:
-        if self.inputs.eval_set is None:
-            return {}
-        return evaluate(engine, self.inputs.eval_set, self.info, self.cfg.train.micro_batch_size,
-                        self.inputs.tokenizer.pad_token_id, desc=desc, probe=probe)
-
-    def micro_batches(self, indices: Any, seed: int) -> data_lib.MicroBatches:
-        """This rank's micro-batches over ``indices`` of the training set (packed with
-        data.packing; one row per micro-batch for flash-attn's varlen kernel)."""
-        return data_lib.MicroBatches(self.inputs.train_set, indices, self.cfg.data, self.cfg.train.micro_batch_size,
-                                     self.info.rank, self.info.world_size, seed, self.inputs.tokenizer.pad_token_id,
-                                     one_row=self.inputs.attn_implementation == "flash_attention_2")
-
-    def resume_stage(self, stage: str, engine: Any, batches: data_lib.MicroBatches) -> int:
-        """The step to continue ``stage`` from: 0, or the resumed checkpoint's step with the
-        engine, RNG and data position restored from it."""
-        if self.resumed is None or self.resumed.stage != stage:
-            return 0
-        ckpt.restore_engine(engine, batches, self.resume_path, self.resumed, self.info, self.cfg.seed)
-        return self.resumed.step
-
-    def save_checkpoint(self, engine: Any, stage: str, step: int, batches: data_lib.MicroBatches,
-                        selection: Optional[Selection], stats=None) -> None:
-        state = ckpt.RunState(stage, step, batches.stream.position, self.info.world_size, config_lib.to_dict(self.cfg),
-                              self.inputs.base_model, selection=json.loads(selection.to_json()) if selection else None,
-                              results=self.results)
-        pruner = self.pruner if stage == "main" else None
-        ckpt.save_run_checkpoint(engine, self.out_dir, state, self.info, self.cfg.train.keep_last, stats=stats,
-                                 write_extra=(lambda d: write_prune_dir(d, pruner)) if pruner else None)
 
 
 @dataclasses.dataclass
@@ -253,20 +198,8 @@ def select_layers(run: Run, sampling: Sampling) -> Selection:
 
 def write_selection(run: Run, selection: Selection) -> None:
     """selection.json, importance.png and selection_history.png, also sent to the trackers."""
-    def write() -> None:
-        if not run.info.is_main:
-            return
-        files = [atomic_write_text(run.out_dir / "selection.json", selection.to_json()), run.out_dir / "importance.png"]
-        plot_importance(files[1], selection.items, selection.importance,
-                        [item in set(selection.kept) for item in selection.items], selection.threshold,
-                        title=f"LoRA-drop {selection.granularity} importance (kept by {selection.method})")
-        if selection.history:
-            files.append(run.out_dir / "selection_history.png")
-            plot_selection_history(files[-1], selection.items, selection.history)
-        for file in files:
-            run.logger.log_artifact(file)
-
-    run_on_every_rank(run.info, "selection output", write, USER_ERRORS)
+    run_on_every_rank(run.info, "selection output", lambda: run.info.is_main and [
+        run.logger.log_artifact(path) for path in write_selection_files(run.out_dir, selection)], USER_ERRORS)
 
 
 # -------------------------------------------------------------------- 4. rebuild

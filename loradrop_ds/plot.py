@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
+from typing import Any
 
-from .atomic import atomic_write_file
+from .atomic import atomic_write_file, atomic_write_text
 
 KEPT_COLOUR = "tab:blue"
 SHARED_COLOUR = "tab:gray"
@@ -142,3 +144,17 @@ def plot_selection_history(path: str | os.PathLike, labels: list[str], history: 
 def _save_atomic(fig, path: str | os.PathLike) -> None:
     # A reader (or a crash mid-save) never sees a truncated PNG.
     atomic_write_file(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def write_selection_files(out_dir: Path, selection: Any) -> list[Path]:
+    """``selection.json``, ``importance.png`` and, when the selection has a history of
+    checks, ``selection_history.png`` in ``out_dir`` (each atomically); returns the paths."""
+
+    paths = [atomic_write_text(out_dir / "selection.json", selection.to_json()), out_dir / "importance.png"]
+    kept = set(selection.kept)
+    plot_importance(paths[1], selection.items, selection.importance, [item in kept for item in selection.items],
+                    selection.threshold, title=f"LoRA-drop {selection.granularity} importance (kept by {selection.method})")
+    if selection.history:
+        paths.append(out_dir / "selection_history.png")
+        plot_selection_history(paths[-1], selection.items, selection.history)
+    return paths
