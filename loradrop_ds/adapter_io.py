@@ -15,17 +15,7 @@ import torch
 from torch import nn
 
 from .atomic import staged_dir
-
-
-def _gathered(params: list[nn.Parameter]):
-    """Context in which ``params`` hold their full values (a no-op without ZeRO-3)."""
-    import contextlib
-
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()
+from .engine import gathered
 
 
 def gather_lora_state(model: nn.Module, copy_here: bool = True) -> dict[str, torch.Tensor]:
@@ -43,7 +33,7 @@ def gather_lora_state(model: nn.Module, copy_here: bool = True) -> dict[str, tor
 
     named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if "lora_" in n]
     unique = list({id(p): p for _, p in named}.values())
-    with _gathered(unique):
+    with gathered(unique):
         if not copy_here:
             return {}
         state = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in named}

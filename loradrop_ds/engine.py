@@ -6,10 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -138,6 +138,17 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
         return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return factor
+
+
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] = None) -> Any:
+    """The one way this project gathers ZeRO-3 parameters whole: a context in which ``params``
+    hold their full values (a collective: every rank enters it, in the same order). With
+    ``modifier_rank`` that rank's changes are kept and sent to every rank's shard on exit. A
+    no-op for parameters that are not partitioned (DeepSpeed 0.19.8's ``GatheredParameters``
+    checks ``is_zero_param`` itself: partition_parameters.py), so callers need no test."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict, lr: float, weight_decay: float,

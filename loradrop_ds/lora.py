@@ -175,14 +175,14 @@ def lora_param_scores(model: nn.Module, module_names: list[str]) -> torch.Tensor
     ``param_norm`` baseline), from ``trace((B^T B)(A A^T))``, never forming BA. Under ZeRO-3
     each LoRA's weights are gathered for the computation (a collective: every rank calls
     this; outside ZeRO-3 the gather does nothing), so every rank gets the same result."""
-    import deepspeed
+    from .engine import gathered
 
     layers = lora_layers(model, list(module_names))
     num_layers = 1 + max(i for i, _ in layers)
     scores = torch.zeros(num_layers, len(module_names), dtype=torch.float64)
     for (layer, module_name), lora_layer in sorted(layers.items()):
         a, b = lora_layer.lora_A[ADAPTER].weight, lora_layer.lora_B[ADAPTER].weight
-        with deepspeed.zero.GatheredParameters([a, b]), torch.no_grad():
+        with gathered([a, b]), torch.no_grad():
             a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
             value = torch.trace((b64.T @ b64) @ (a64 @ a64.T)) * float(lora_layer.scaling[ADAPTER]) ** 2
         scores[layer, module_names.index(module_name)] = value

@@ -147,19 +147,36 @@ def _block_subset(module_scores: Mapping[str, torch.Tensor], block: tuple[str, .
     return present
 
 
+def structure_scores(group_vectors: Mapping[str, torch.Tensor],
+                     scored: Mapping[str, Sequence[str]]) -> dict[str, torch.Tensor]:
+    """One layer's scores per structure (``"attn"``, ``"mlp"``): the :func:`block_scores` of
+    the group vectors of that structure's scored modules that are present; a structure with
+    none present gets no entry. ``group_vectors``: module name -> :func:`module_group_scores`.
+    What ``prune_zero3.Pruner.update`` computes for every layer."""
+    out = {}
+    for structure, modules in scored.items():
+        present = {m: v for m, v in group_vectors.items() if m in modules}
+        if present:
+            out[structure] = block_scores(present)
+    return out
+
+
 def attention_group_scores(module_scores: Mapping[str, torch.Tensor], num_heads: int, num_kv_heads: int,
                            head_dim: int) -> torch.Tensor:
     """``[num_kv_heads]`` scores of one attention block from the ``[out, in]`` importances of the
-    attention modules present (MLP names are ignored, so one layer's dict can serve both)."""
+    attention modules present (MLP names are ignored, so one layer's dict can serve both):
+    :func:`module_group_scores` then :func:`structure_scores`, as training computes them."""
     present = _block_subset(module_scores, ATTN_MODULES, "attention")
-    return block_scores({n: module_group_scores(n, s, num_heads, num_kv_heads, head_dim) for n, s in present.items()})
+    vectors = {n: module_group_scores(n, s, num_heads, num_kv_heads, head_dim) for n, s in present.items()}
+    return structure_scores(vectors, {"attn": ATTN_MODULES})["attn"]
 
 
 def mlp_channel_scores(module_scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[intermediate]`` scores of one MLP block from the ``[out, in]`` importances of the MLP
-    modules present (attention names are ignored)."""
+    modules present (attention names are ignored), computed as :func:`attention_group_scores`."""
     present = _block_subset(module_scores, MLP_MODULES, "MLP")
-    return block_scores({n: module_group_scores(n, s, 0, 1, 0) for n, s in present.items()})
+    vectors = {n: module_group_scores(n, s, 0, 1, 0) for n, s in present.items()}
+    return structure_scores(vectors, {"mlp": MLP_MODULES})["mlp"]
 
 
 def ema_update(old: Optional[torch.Tensor], new: torch.Tensor, ema: float) -> Optional[torch.Tensor]:

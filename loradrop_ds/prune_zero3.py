@@ -15,7 +15,7 @@ What runs where:
   divided the loss by grad_accum, so the sum over micro-batches, all-reduced and divided by
   the world size, is the step's gradient exactly as DeepSpeed averages it.
 * **The frozen weight W** is gathered once per score update, one module at a time
-  (``GatheredParameters``; every rank takes part, in the same order), used and released:
+  (``engine.gathered``; every rank takes part, in the same order), used and released:
   never kept, and never gathered in steps that do not update the scores.
 * **Scores.** Every rank computes the group scores from the same all-reduced gradients and
   gathered weights; rank 0's are broadcast so the masks are computed from bit-identical
@@ -193,7 +193,7 @@ class Pruner:
     def update(self, step: int, world_size: int) -> dict:
         """Scores from this step's gradients, the moving average, and the masks at the
         schedule's ratio for ``step``. Collective: call on every rank. Returns what to log."""
-        import deepspeed
+        from .engine import gathered
 
         start = time.perf_counter()
         keys = sorted(self._grads)
@@ -212,19 +212,14 @@ class Pruner:
         new_scores: dict[int, dict[str, torch.Tensor]] = {}
         for (layer, module_name), lora_layer in sorted(self._uses.items()):
             weight = lora_layer.base_layer.weight
-            with deepspeed.zero.GatheredParameters([weight]), torch.no_grad():
+            with gathered([weight]), torch.no_grad():
                 reduced = importance_sums(module_name, weight.detach().to(self.device),
                                           self._weights[(layer, module_name, "A")],
                                           self._weights[(layer, module_name, "B")], grads[(layer, module_name, "A")],
                                           grads[(layer, module_name, "B")], float(lora_layer.scaling[ADAPTER]))
             vector = prune_lib.module_group_scores(module_name, reduced, s.num_heads, s.num_kv_heads, s.head_dim)
             new_scores.setdefault(layer, {})[module_name] = vector
-        blocks: dict[int, dict[str, torch.Tensor]] = {}
-        for layer, vectors in new_scores.items():
-            for structure, mods in self.scored.items():
-                present = {m: v for m, v in vectors.items() if m in mods}
-                if present:
-                    blocks.setdefault(layer, {})[structure] = prune_lib.block_scores(present)
+        blocks = {layer: prune_lib.structure_scores(vectors, self.scored) for layer, vectors in new_scores.items()}
         order = [(layer, st) for layer in sorted(blocks) for st in sorted(blocks[layer])]
         flat_scores = torch.cat([blocks[layer][st].float().reshape(-1) for layer, st in order]).to(self.device)
         dist.broadcast(flat_scores, src=0)  # every rank masks from rank 0's numbers, bit for bit

@@ -418,8 +418,9 @@ def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
 def load_full_state(engine: Any, path: Path) -> None:
     """Resume on another number of ranks: ``full_state.pt`` back into a freshly built
     engine (each rank keeps its own partition of it). Call on every rank."""
-    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    from .engine import gathered
 
     saved = torch.load(Path(path) / FULL_STATE, weights_only=True)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
@@ -438,17 +439,9 @@ def load_full_state(engine: Any, path: Path) -> None:
             for key in ("exp_avg", "exp_avg_sq"):
                 safe_set_full_optimizer_state(p, full[key].to(device), key)
     # The working copy the forward pass uses (its own tensor, next to the fp32 master).
-    params = [p for _, p in trainable]
-    gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if hasattr(params[0], "ds_id") else None
-    if gathered is not None:
-        gathered.__enter__()
-    try:
-        with torch.no_grad():
-            for name, p in trainable:
-                p.data.copy_(saved["params"][name]["fp32"].to(p.device, p.dtype))
-    finally:
-        if gathered is not None:
-            gathered.__exit__(None, None, None)
+    with gathered([p for _, p in trainable], modifier_rank=0), torch.no_grad():
+        for name, p in trainable:
+            p.data.copy_(saved["params"][name]["fp32"].to(p.device, p.dtype))
     for st in inner.state.values():
         if "step" in st:
             st["step"] = (torch.full_like(st["step"], saved["optimizer_step"]) if torch.is_tensor(st["step"])
