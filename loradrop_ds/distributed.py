@@ -193,14 +193,14 @@ def all_reduce_stats(stats: ImportanceStats, device: torch.device) -> Importance
     return ImportanceStats(list(stats.module_names), packed[0].clone(), packed[1].clone(), packed[2].clone())
 
 
-def check_same_on_every_rank(info: DistInfo, view: Any, error: Callable[[int, Any, Any], Exception]) -> None:
+def check_same_on_every_rank(world_size: int, view: Any, error: Callable[[int, Any, Any], Exception]) -> None:
     """The one cross-rank agreement check: every rank's ``view`` (small and picklable: a
     fingerprint, a tuple of sizes) is compared with rank 0's, and if the lowest rank R
     that differs exists, every rank raises ``error(R, R's view, rank 0's view)``: the same
     exception on every rank, so no rank goes on alone. One ``all_gather_object``."""
     views = [view]
-    if info.world_size > 1:
-        views = [None] * info.world_size
+    if world_size > 1:
+        views = [None] * world_size
         dist.all_gather_object(views, view)
     differs = next((rank for rank, v in enumerate(views) if v != views[0]), None)
     if differs is not None:
@@ -210,7 +210,7 @@ def check_same_on_every_rank(info: DistInfo, view: Any, error: Callable[[int, An
 def check_selection_agreement(selection: Selection, info: DistInfo) -> None:
     """Raise :class:`SelectionMismatchError` on *every* rank unless all ranks hold the
     same selection (compared through its fingerprint)."""
-    check_same_on_every_rank(info, selection.fingerprint(), lambda rank, _theirs, _ref: SelectionMismatchError(
+    check_same_on_every_rank(info.world_size, selection.fingerprint(), lambda rank, _theirs, _ref: SelectionMismatchError(
         f"rank {rank} holds another LoRA-drop selection than rank 0 (rank {info.rank} kept {selection.kept}); the "
         "statistics or the broadcast differ between ranks. Refusing to rebuild the model."))
 

@@ -87,7 +87,7 @@ def preflight(cfg: config_lib.Config, info: DistInfo) -> Inputs:
             (out_dir / marker).unlink(missing_ok=True)
     # Every rank must see the same data: a node whose copy of a file (or tokenizer) differs
     # would index other rows and, with epochs or packing, run another number of steps.
-    check_same_on_every_rank(info, _data_view(inputs), lambda rank, theirs, ref: data_lib.DataError(
+    check_same_on_every_rank(info.world_size, _data_view(inputs), lambda rank, theirs, ref: data_lib.DataError(
         f"rank {rank} sees other data than rank 0 ({theirs} against {ref}): every node needs the same data files and "
         "tokenizer"))
     if info.is_main:

@@ -53,6 +53,7 @@ from torch import nn
 
 from . import prune_algorithm as prune_lib
 from . import prune_files
+from .distributed import check_same_on_every_rank
 from .lora import ADAPTER, WeightGradTap, lora_layers
 from .metrics import format_count
 from .model import decoder_layers
@@ -243,18 +244,14 @@ class Pruner:
         removed = prune_lib.pruned_param_count(self.state.masks, s.hidden_size, s.num_heads, s.num_kv_heads,
                                                s.head_dim)
         # The wall time of this update on this rank, to the mask agreement check (whose
-        # all_gather result is read on the host, so device work is included).
+        # all_gather_object result is read on the host, so device work is included).
         return {"stage": "prune", "prune_ratio": ratio, "attn_groups_pruned": sparsity["attn"],
                 "mlp_channels_pruned": sparsity["mlp"], "base_params_removed": removed["total"],
                 "prune_update_seconds": time.perf_counter() - start}
 
     def _check_agreement(self, world_size: int) -> None:
-        digest = masks_digest(self.state.masks)
-        mine = torch.tensor([int(digest[:15], 16)], dtype=torch.int64, device=self.device)
-        everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-        dist.all_gather(everyone, mine)
-        if any(int(t) != int(mine) for t in everyone):
-            raise RuntimeError(f"LoRAPrune masks differ between ranks: {[int(t) for t in everyone]}")
+        check_same_on_every_rank(world_size, masks_digest(self.state.masks), lambda rank, theirs, ref: RuntimeError(
+            f"LoRAPrune masks differ between ranks: rank {rank}'s digest {theirs[:12]}, rank 0's {ref[:12]}"))
 
     # ------------------------------------------------------------------ files
     def summary(self) -> dict:
