@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,9 +26,34 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on the loopback address now. The suite runs on two pytest-xdist workers
+    (pyproject.toml), and a port is checked here but bound later by torchrun: each worker draws
+    from its own range, so the two never pick the same one in between."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20000 + 4000 * (worker % 8)
+    for port in random.sample(range(low, low + 4000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + 4000}")
+
+
+# The files that start the most ranks, first: pytest-xdist hands each worker whole files
+# (--dist loadfile) in this order, so the long ones do not end up alone at the end.
+LONG_FILES = ("test_cluster_failures.py", "test_resume_world_size.py", "test_resume.py", "test_recipes.py",
+              "test_engine.py", "test_prune_zero3.py", "test_shared_scale.py", "test_train_cli.py",
+              "test_selection_cli.py", "test_model.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
 
 
 def subprocess_env() -> dict:

@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import staged_dir
 from .card import BUILTIN_HUB_IDS, HUB_ID, check_card_metadata, hub_base_model, model_card
 from .compact import COMPACT_WEIGHTS, SHARING_MAP, _write_compact, check_shares, load_compact
 from .errors import ExportError
@@ -125,25 +125,21 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
     created = [d for d in (parent, *parent.parents) if not d.exists()]  # removed again if the export fails
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     except OSError as e:
         _remove_empty(created)
         raise ExportError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from e
     try:
-        if spec.merges:
-            _write_merged(plan, tmp, pruned)
-        else:
-            spec.write(src, tmp)
-        if src.importance_png is not None:
-            shutil.copy2(src.importance_png, tmp / "importance.png")
-        if src.selection is not None:
-            (tmp / "selection.json").write_text(src.selection.to_json())
-        (tmp / "README.md").write_text(card)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        with staged_dir(out) as tmp:  # an empty ``out`` (checked above) is replaced whole
+            if spec.merges:
+                _write_merged(plan, tmp, pruned)
+            else:
+                spec.write(src, tmp)
+            if src.importance_png is not None:
+                shutil.copy2(src.importance_png, tmp / "importance.png")
+            if src.selection is not None:
+                (tmp / "selection.json").write_text(src.selection.to_json())
+            (tmp / "README.md").write_text(card)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
     return out
