@@ -542,5 +542,18 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as ``{"section.key": value}``, the keys an override names (an
+    empty section stays one value)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(dotted(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

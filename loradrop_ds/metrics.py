@@ -87,17 +87,6 @@ def _redact(value: Any) -> Any:
     return value
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def _config_text(config: dict) -> str:
     import yaml
 
@@ -277,8 +266,10 @@ class _MLflow(_Tracker):
         self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in scalars.items()])
 
     def log_config(self, config: dict) -> None:
+        from .config import dotted  # config imports this module (TRACKERS)
+
         params = [self.Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                  for k, v in _flatten(config).items()]
+                  for k, v in dotted(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         self.client.log_dict(self.run_id, config, "config.yaml")

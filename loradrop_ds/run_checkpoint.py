@@ -86,23 +86,13 @@ def base_model_identity(model_path: str, resolved_path: str) -> dict:
     return {"path": model_path, "config_sha256": digest}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Settings that differ and would change the result of a resumed run."""
-    from .config import Config, to_dict
+    from .config import Config, dotted, to_dict
 
     # A setting added since the checkpoint was written ran as its default did not exist:
     # the saved run is read with the defaults of this version for the keys it lacks.
-    a, b = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(current)
+    a, b = {**dotted(to_dict(Config())), **dotted(saved)}, dotted(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_CHANGES)
     return [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 

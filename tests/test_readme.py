@@ -208,16 +208,7 @@ def test_named_library_objects_import():
 
 
 def _flat_defaults() -> dict:
-    def flatten(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flatten(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    return flatten(config_lib.to_dict(config_lib.Config()))
+    return config_lib.dotted(config_lib.to_dict(config_lib.Config()))
 
 
 def _documented_settings() -> list[tuple[str, str]]:
