@@ -17,16 +17,19 @@ import torch
 from safetensors.torch import load_file
 from test_train_cli import tiny_args
 
-from conftest import REPO, run_ranks
+from conftest import REPO, run_ranks_many
 
 TRAIN = REPO / "launch" / "train.py"
 EVAL_EXAMPLES = 24  # tiny_args sets data.max_eval_examples=24
 
 
-def start_of_main(tiny_model, out, warm_start: bool, train_shared: bool):
-    run_ranks(TRAIN, tiny_args(tiny_model, out, f"loradrop.warm_start={str(warm_start).lower()}",
-                               f"loradrop.train_shared={str(train_shared).lower()}", "train.max_steps=1",
-                               "train.lr=1e-12", "train.warmup_steps=0"))
+def start_args(tiny_model, out, warm_start: bool, train_shared: bool) -> list[str]:
+    return tiny_args(tiny_model, out, f"loradrop.warm_start={str(warm_start).lower()}",
+                     f"loradrop.train_shared={str(train_shared).lower()}", "train.max_steps=1", "train.lr=1e-12",
+                     "train.warmup_steps=0")
+
+
+def start_of_main(out):
     selection = json.loads((out / "selection.json").read_text())
     final = load_file(out / "adapter" / "adapter_model.safetensors")
     [sampling_ckpt] = sorted((out / "checkpoints").glob("sampling-step*"))
@@ -39,15 +42,22 @@ def layer_of(key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def warm_frozen_shared(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("claims") / "warm_frozen"
-    return out, *start_of_main(tiny_model, out, warm_start=True, train_shared=False)
+def claim_runs(tiny_model, tmp_path_factory) -> dict:
+    """Both runs, one after another in one set of rank processes (``run_ranks_many``)."""
+    root = tmp_path_factory.mktemp("claims")
+    runs = {"warm_frozen": (True, False), "fresh_trained": (False, True)}
+    run_ranks_many([start_args(tiny_model, root / name, *flags) for name, flags in runs.items()], root / "logs")
+    return {name: (root / name, *start_of_main(root / name)) for name in runs}
 
 
 @pytest.fixture(scope="module")
-def fresh_trained_shared(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("claims") / "fresh_trained"
-    return out, *start_of_main(tiny_model, out, warm_start=False, train_shared=True)
+def warm_frozen_shared(claim_runs):
+    return claim_runs["warm_frozen"]
+
+
+@pytest.fixture(scope="module")
+def fresh_trained_shared(claim_runs):
+    return claim_runs["fresh_trained"]
 
 
 def test_warm_start_starts_kept_loras_from_the_sampling_stage(warm_frozen_shared, fresh_trained_shared):

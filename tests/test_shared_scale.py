@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_adapter_reproduces_run, finished_run_args, run_ranks
+from conftest import REPO, assert_adapter_reproduces_run, finished_run_args, run_ranks, run_ranks_many
 from loradrop_ds.config import LoraConfig
 from loradrop_ds.importance import sharing_plan
 from workers.common import hand_selection
@@ -171,7 +171,18 @@ def test_adapter_with_baked_gains_loads_in_plain_peft(tiny_model, tmp_path, shar
         assert (model(input_ids=ids).logits - trained).abs().max() > 1e-3
 
 
-def test_two_rank_run_with_vector_gains_exports_to_its_logits(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def gain_runs(tiny_model, tmp_path_factory) -> dict:
+    """The module's finished 2-rank runs, one after another in one set of rank processes
+    (``run_ranks_many``): vector gains, and scalar gains under a weight decay of 10."""
+    root = tmp_path_factory.mktemp("gain_runs")
+    runs = {"vector": ["loradrop.shared_scale=vector"],
+            "decay": ["loradrop.shared_scale=scalar", "train.weight_decay=10.0"]}
+    run_ranks_many([finished_run_args(tiny_model, root / name, *extra) for name, extra in runs.items()], root / "logs")
+    return {name: root / name for name in runs}
+
+
+def test_two_rank_run_with_vector_gains_exports_to_its_logits(tiny_model, tmp_path, gain_runs):
     """The real CLI on 2 ZeRO-3 ranks (zero3_tiny.json: persistence threshold 0, so the gains
     are partitioned and gathered like any weight)."""
     from transformers import AutoModelForCausalLM
@@ -179,8 +190,7 @@ def test_two_rank_run_with_vector_gains_exports_to_its_logits(tiny_model, tmp_pa
     from loradrop_ds import run_checkpoint as ckpt
     from loradrop_ds.export import export, load_compact
 
-    out = tmp_path / "run"
-    run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, out, "loradrop.shared_scale=vector"))
+    out = gain_runs["vector"]
     selection = json.loads((out / "selection.json").read_text())
     config = yaml.safe_load((out / "config.yaml").read_text())
     r, modules = config["lora"]["r"], config["lora"]["target_modules"]
@@ -269,12 +279,10 @@ def test_killed_run_with_gains_resumes_on_another_number_of_ranks(tiny_model, tm
         torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-6)
 
 
-def test_gains_get_no_weight_decay(tiny_model, tmp_path):
+def test_gains_get_no_weight_decay(gain_runs):
     """AdamW moves a parameter by about lr (0.01 here) per step at most: after 6 steps a gain
     is within 0.06 of 1. Weight decay 10 would also shrink it by lr x 10 = 10% per step (to
     about 0.53): the gains are left out of weight decay."""
-    out = tmp_path / "run"
-    run_ranks(REPO / "launch" / "train.py",
-              finished_run_args(tiny_model, out, "loradrop.shared_scale=scalar", "train.weight_decay=10.0"))
+    out = gain_runs["decay"]
     gains = {k: v for k, v in load_file(out / "adapter" / "loradrop_shared_scale.safetensors").items() if "gain" in k}
     assert gains and all((g - 1.0).abs().max() < 0.07 for g in gains.values()), gains
