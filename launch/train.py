@@ -198,8 +198,12 @@ def select_layers(run: Run, sampling: Sampling) -> Selection:
 
 def write_selection(run: Run, selection: Selection) -> None:
     """selection.json, importance.png and selection_history.png, also sent to the trackers."""
-    run_on_every_rank(run.info, "selection output", lambda: run.info.is_main and [
-        run.logger.log_artifact(path) for path in write_selection_files(run.out_dir, selection)], USER_ERRORS)
+    def write() -> None:
+        if run.info.is_main:
+            for path in write_selection_files(run.out_dir, selection):
+                run.logger.log_artifact(path)
+
+    run_on_every_rank(run.info, "selection output", write, USER_ERRORS)
 
 
 # -------------------------------------------------------------------- 4. rebuild
@@ -235,8 +239,8 @@ def rebuild(run: Run, selection: Optional[Selection], base: Optional[torch.nn.Mo
 
 # ----------------------------------------------------------------------- 5. main
 def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optional[dict]:
-    """Training on the full data; checkpoints, evaluations and LoRAPrune's updates between
-    steps, in that order. Returns the probe (the first eval batch and its logits) if asked."""
+    """Training on the full data; between steps, in this order: LoRAPrune's mask update, the
+    checkpoint, the evaluation. Returns the probe (the first eval batch and its logits) if asked."""
     cfg, info, main_steps = run.cfg, run.info, run.inputs.main_steps
     batches = run.micro_batches(range(len(run.inputs.train_set)), cfg.seed + 1)
     start_step = run.resume_stage("main", engine, batches)
