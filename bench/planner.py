@@ -60,7 +60,7 @@ def plan_record(recipe: str, overrides: list[str], nodes: int, gpus: int, gpu_me
             "message": None if plan.fits else planner.explain_misfit(plan)}
 
 
-def plan_figures(plan: planner.Plan) -> dict:
+def plan_figures(plan: planner.MemoryPlan) -> dict:
     spec = plan.spec
     return {
         "model": spec.model.name, "model_config_source": spec.model.source, "parameters": spec.model.total_params,

@@ -27,7 +27,7 @@ Formats:
   ``AutoModelForCausalLM.from_pretrained`` loads (``config.json`` with the kept head counts,
   ``head_dim`` and ``intermediate_size``). transformers' LLaMA has one width for all layers,
   so every layer is written at the widest layer's kept width, a narrower layer padded with
-  exactly-zero units that compute what its masks did (:class:`_PrunePlan`): with
+  exactly-zero units that compute what its masks did (:class:`_PruneCut`): with
   LoRAPrune's exempt full-width layers the model is only as small as its widest layer; the
   physical saving is full when no layer is exempt (``prune.exempt_first_fraction=0
   prune.exempt_last=false``). Same streaming and memory as ``merged``.
@@ -56,8 +56,8 @@ from .card import BUILTIN_HUB_IDS, HUB_ID, check_card_metadata, hub_base_model, 
 from .compact import COMPACT_WEIGHTS, SHARING_MAP, _write_compact, check_shares, load_compact
 from .errors import ExportError
 from .hub import push_to_hub
-from .merge import SAFE_INDEX, SAFE_WEIGHTS, _MergePlan, _plan_merged, _shard_size_bytes, _write_merged
-from .pruned import PRUNED_SCHEME, _plan_pruned, _prune_files, _PrunePlan
+from .merge import SAFE_INDEX, SAFE_WEIGHTS, _merge_job, _MergeJob, _shard_size_bytes, _write_merged
+from .pruned import PRUNED_SCHEME, _prune_cut, _prune_files, _PruneCut
 from .source import ADAPTER_WEIGHTS, ExportSource, check_adapter, open_source, resolve_base_model
 
 __all__ = ["ADAPTER_WEIGHTS", "BUILTIN_HUB_IDS", "COMPACT_WEIGHTS", "FORMATS", "HUB_ID", "PRUNED_SCHEME", "SAFE_INDEX",
@@ -70,14 +70,14 @@ __all__ = ["ADAPTER_WEIGHTS", "BUILTIN_HUB_IDS", "COMPACT_WEIGHTS", "FORMATS", "
 class Format:
     """How one export format is made. Before anything is written: ``check(src)`` on the source
     (before the base model is read); for a format that ``merges``, the base model and the
-    adapter against it (:func:`.merge._plan_merged`), then ``cut(src, merge_plan)``, the
+    adapter against it (:func:`.merge._merge_job`), then ``cut(src, merge_plan)``, the
     per-tensor slices written in place of the whole tensors. Then ``write(src, out)`` writes an
     adapter format; a format that merges is written shard by shard (:func:`.merge._write_merged`)."""
 
     write: Optional[Callable[[ExportSource, Path], None]] = None
     merges: bool = False
     check: Optional[Callable[[ExportSource], object]] = None
-    cut: Optional[Callable[[ExportSource, _MergePlan], _PrunePlan]] = None
+    cut: Optional[Callable[[ExportSource, _MergeJob], _PruneCut]] = None
 
 
 def _write_peft(src: ExportSource, out: Path) -> None:
@@ -90,7 +90,7 @@ FORMATS: dict[str, Format] = {
     "compact": Format(write=_write_compact, check=check_shares),
     "merged": Format(merges=True),
     # A run trained without pruning is refused by the check, before the base is read.
-    "pruned": Format(merges=True, check=_prune_files, cut=_plan_pruned),
+    "pruned": Format(merges=True, check=_prune_files, cut=_prune_cut),
 }
 
 
@@ -117,7 +117,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
     if spec.check is not None:
         spec.check(src)
     base_dir = resolve_base_model(src, base_model) if (spec.merges or base_model) else None
-    plan = _plan_merged(src, base_dir, max_shard_size) if spec.merges else None
+    plan = _merge_job(src, base_dir, max_shard_size) if spec.merges else None
     pruned = spec.cut(src, plan) if spec.cut is not None else None
     card = model_card(src, fmt, base_model_id, pruned)
 

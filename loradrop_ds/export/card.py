@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ExportError
-from .pruned import PRUNED_SCHEME, _PrunePlan
+from .pruned import PRUNED_SCHEME, _PruneCut
 from .source import ExportSource
 
 # The Hub repository each builtin model was converted from: the model card's ``base_model``.
@@ -47,7 +47,7 @@ def check_card_metadata(text: str, want: dict) -> None:
 
 
 def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None,
-               pruned: Optional[_PrunePlan] = None) -> str:
+               pruned: Optional[_PruneCut] = None) -> str:
     """The export's ``README.md``: Hub metadata built with ``ModelCardData`` and checked
     (:func:`check_card_metadata`), then the settings, selection, metrics and how to load it;
     for ``pruned`` also the kept KV groups and MLP channels per layer, the uniform-width scheme

@@ -22,7 +22,7 @@ from .errors import ExportError, _json_object, _parsed, _read_safetensors_header
 from .source import ADAPTER_WEIGHTS, ExportSource
 
 if TYPE_CHECKING:
-    from .pruned import _PrunePlan
+    from .pruned import _PruneCut
 
 log = logging.getLogger(__package__)  # the export's one logger, loradrop_ds.export
 SAFE_WEIGHTS = "model.safetensors"
@@ -250,7 +250,7 @@ def _stream_base_tensors(tensors: dict[str, _BaseTensor]):
 
 
 @dataclass
-class _MergePlan:
+class _MergeJob:
     """Everything the merged export needs, read and checked before anything is written."""
 
     model_dir: Path
@@ -262,7 +262,7 @@ class _MergePlan:
     tokenizer: object
 
 
-def _plan_merged(src: ExportSource, base_dir: str, max_shard_size: str | int) -> _MergePlan:
+def _merge_job(src: ExportSource, base_dir: str, max_shard_size: str | int) -> _MergeJob:
     """Read and check the base (its safetensors headers against the files' sizes, so a missing
     or truncated weight file is refused here), the adapter against it, and the tokenizer."""
     from transformers import AutoTokenizer
@@ -280,11 +280,11 @@ def _plan_merged(src: ExportSource, base_dir: str, max_shard_size: str | int) ->
     except (OSError, ValueError) as e:
         raise ExportError(f"tokenizer {tok_path}: cannot be loaded ({type(e).__name__}); the merged export "
                           "writes it next to the weights") from None
-    return _MergePlan(model_dir, trust, tensors, factors, _plan_output_shards(tensors, max_bytes), max_bytes,
+    return _MergeJob(model_dir, trust, tensors, factors, _plan_output_shards(tensors, max_bytes), max_bytes,
                       tokenizer)
 
 
-def _write_merged(plan: _MergePlan, out: Path, pruned: Optional[_PrunePlan] = None) -> None:
+def _write_merged(plan: _MergeJob, out: Path, pruned: Optional[_PruneCut] = None) -> None:
     """Merge shard by shard: the base's tensors are read one at a time, each LoRA-targeted
     weight gets its delta, and every output shard is written as soon as it is full, so
     memory holds one output shard (``max_shard_size``), the adapter and one fp32 delta,
@@ -293,7 +293,7 @@ def _write_merged(plan: _MergePlan, out: Path, pruned: Optional[_PrunePlan] = No
     tensor in the dtype the base stores it in.
 
     With ``pruned`` (the ``pruned`` format), each merged tensor is then cut as the prune plan
-    says (:class:`_PrunePlan`), the shards are planned on the cut sizes, and ``config.json``
+    says (:class:`_PruneCut`), the shards are planned on the cut sizes, and ``config.json``
     is the plan's (the kept widths, ``head_dim`` written explicitly)."""
     from safetensors.torch import save_file
 

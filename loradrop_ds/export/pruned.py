@@ -1,5 +1,5 @@
 """The ``pruned`` format (LoRAPrune): the ``merged`` export with the pruned attention KV groups and
-MLP channels cut out, as a per-tensor slice plan (:class:`_PrunePlan`) read from the run's
+MLP channels cut out, as a per-tensor slice plan (:class:`_PruneCut`) read from the run's
 prune masks (:mod:`loradrop_ds.prune_files`), checked against the base, and applied by the merge.
 """
 
@@ -16,12 +16,12 @@ from ..model import parse_layer_key
 from ..model_dims import attention_layout
 from ..prune_files import INFO_FILE, MASKS_FILE, PRUNE_DIR, mask_key, read_info, read_masks
 from .errors import ExportError, _json_object, _parsed, _read_safetensors_header
-from .merge import _BaseTensor, _MergePlan
+from .merge import _BaseTensor, _MergeJob
 from .source import ExportSource
 
 log = logging.getLogger(__package__)  # the export's one logger, loradrop_ds.export
 # Architectures whose decoder layers are exactly LLaMA's q/k/v/o and gate/up/down projections,
-# with one head count and one intermediate size in config.json (see _PrunePlan).
+# with one head count and one intermediate size in config.json (see _PruneCut).
 _PRUNABLE_MODEL_TYPES = ("llama",)
 PRUNED_SCHEME = ("every layer is written at the widest layer's kept width (per structure); a layer that kept fewer "
                  "units keeps its kept units plus its lowest-index pruned ones, whose weights are exactly zero, so it "
@@ -47,7 +47,7 @@ class _Slice:
 
 
 @dataclass
-class _PrunePlan:
+class _PruneCut:
     """The pruned export's cuts, read and checked before anything is written.
 
     transformers' LLaMA has one width for every layer: ``LlamaAttention`` builds q/k/v/o from
@@ -112,7 +112,7 @@ def _prune_files(src: ExportSource) -> tuple[Path, Path]:
     return masks, info
 
 
-def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
+def _prune_cut(src: ExportSource, plan: _MergeJob) -> _PruneCut:
     """Read the run's prune masks and check them against the base model's config and weights."""
     masks_file, info_file = _prune_files(src)
     config = _parsed(plan.model_dir / "config.json", _json_object)
@@ -245,5 +245,5 @@ def _plan_pruned(src: ExportSource, plan: _MergePlan) -> _PrunePlan:
     out_config = {k: v for k, v in config.items() if k != "auto_map"}  # plain transformers, no remote code
     out_config.update({"num_attention_heads": width_g * n_rep, "num_key_value_heads": width_g,
                        "head_dim": head_dim, "intermediate_size": width_c})
-    return _PrunePlan(out_config, slices, [len(g) for g, _ in kept_sets], [len(c) for _, c in kept_sets],
+    return _PruneCut(out_config, slices, [len(g) for g, _ in kept_sets], [len(c) for _, c in kept_sets],
                       width_g, width_c, n_rep, info, unpruned, physical, physical - zeros)

@@ -29,7 +29,7 @@ The modules, in the order each builds on the last:
 * ``zero3_rules``: how ZeRO-3 partitions, persists and gathers parameters.
 * ``activations``: the bytes a decoder layer saves for backward; the micro-batch's peak.
 * ``calibration``: the allowances, ``NOT_COUNTED`` and the peft anchor the estimate is checked against.
-* ``stage_estimate``: every row of a stage (``StageEstimate``) and the ``Plan`` of a run.
+* ``stage_estimate``: every row of a stage (``StageEstimate``) and the ``MemoryPlan`` of a run.
 * ``memory_check``: the fit against a machine, the fix to suggest, ``check_memory``.
 * ``table``: ``format_plan``, the table launch/plan.py prints.
 
@@ -63,7 +63,7 @@ from .memory_check import check_memory, explain_misfit, host_memory_bytes, plan_
 from .run_spec import RunSpec, ZeroSettings, resolve_planned_attention, spec_from_config
 from .stage_estimate import (
     PRUNE_SCRATCH_BLOCKS,
-    Plan,
+    MemoryPlan,
     StageEstimate,
     estimate,
     lora_matrix_numels,
@@ -92,7 +92,7 @@ __all__ = [
     "ALLOCATOR_RESERVE_FRACTION", "CUDA_RUNTIME_BYTES", "HOST_RUNTIME_BYTES_CPU", "HOST_RUNTIME_BYTES_GPU",
     "NOT_COUNTED", "PEFT_ANCHOR_BYTES", "SAFETY_MARGIN", "peft_anchor_spec",
     # stage_estimate
-    "PRUNE_SCRATCH_BLOCKS", "Plan", "StageEstimate", "estimate", "lora_matrix_numels", "prune_update_bytes",
+    "PRUNE_SCRATCH_BLOCKS", "MemoryPlan", "StageEstimate", "estimate", "lora_matrix_numels", "prune_update_bytes",
     "rank0_peak_rss_cpu", "stage_estimate", "stages_of",
     # memory_check
     "check_memory", "explain_misfit", "host_memory_bytes", "plan_for_config", "ranks_per_node",

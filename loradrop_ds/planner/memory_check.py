@@ -13,7 +13,7 @@ from ..config import Config
 from ..model_dims import ModelDims, read_model_dims
 from .calibration import SAFETY_MARGIN
 from .run_spec import RunSpec, spec_from_config
-from .stage_estimate import Plan, estimate
+from .stage_estimate import MemoryPlan, estimate
 from .units import GiB, gib
 
 
@@ -46,7 +46,7 @@ def _with(spec: RunSpec, **changes: Any) -> RunSpec:
     return replace(spec, **changes)
 
 
-def _fix(plan: Plan) -> Optional[list[str]]:
+def _fix(plan: MemoryPlan) -> Optional[list[str]]:
     """The first of the cumulative changes (checkpointing on; the micro-batch halved, with
     grad_accum raised to keep the global batch; parameter offload) whose estimate fits, as
     overrides, or None."""
@@ -83,7 +83,7 @@ def _gpus_needed(spec: RunSpec, device_memory: int, host_memory: Optional[int]) 
     return None
 
 
-def explain_misfit(plan: Plan) -> str:
+def explain_misfit(plan: MemoryPlan) -> str:
     """One line: what does not fit, by how much, what would, and how to skip the check."""
     spec, stage = plan.spec, plan.peak_stage
     top = sorted(((v, k) for k, v in stage.device_rows.items() if v > 0), reverse=True)[:3]
@@ -119,7 +119,7 @@ def explain_misfit(plan: Plan) -> str:
 def plan_for_config(cfg: Config, world_size: int, gpus_per_node: int, device_memory_bytes: Optional[int],
                     host_memory_bytes: Optional[int], device: Optional[str] = None,
                     attn_implementation: Optional[str] = None, kept_fraction: float = 1.0,
-                    dims: Optional[ModelDims] = None) -> Plan:
+                    dims: Optional[ModelDims] = None) -> MemoryPlan:
     """The estimate for a recipe. ``device`` defaults to cuda when a device memory is given,
     else cpu (where the device is host RAM). ``dims``: the model's, when the caller has read
     them (a training run's preflight); else read here (launch/plan.py)."""

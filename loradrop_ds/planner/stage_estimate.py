@@ -1,5 +1,5 @@
 """The per-stage estimate: every tensor a stage holds at its peak, per GPU (or CPU rank) and
-per node of host RAM (``StageEstimate``), and the ``Plan`` that puts the stages of a run
+per node of host RAM (``StageEstimate``), and the ``MemoryPlan`` that puts the stages of a run
 against the memory of a machine."""
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def stages_of(spec: RunSpec) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     spec: RunSpec
     stages: list[StageEstimate]
     device_memory: Optional[int]  # bytes per GPU; None on CPU
@@ -197,8 +197,8 @@ class Plan:
         return self.device_fits and self.host_fits
 
 
-def estimate(spec: RunSpec, device_memory: Optional[int], host_memory: Optional[int]) -> Plan:
-    return Plan(spec, [stage_estimate(spec, s) for s in stages_of(spec)], device_memory, host_memory)
+def estimate(spec: RunSpec, device_memory: Optional[int], host_memory: Optional[int]) -> MemoryPlan:
+    return MemoryPlan(spec, [stage_estimate(spec, s) for s in stages_of(spec)], device_memory, host_memory)
 
 
 def rank0_peak_rss_cpu(spec: RunSpec, stage: StageEstimate) -> int:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from .calibration import NOT_COUNTED, SAFETY_MARGIN
 from .memory_check import explain_misfit
-from .stage_estimate import Plan
+from .stage_estimate import MemoryPlan
 from .units import gib, size
 
 
-def format_plan(plan: Plan, recipe: str = "") -> str:
+def format_plan(plan: MemoryPlan, recipe: str = "") -> str:
     """A readable table: one column per stage, rows per GPU and per node, totals, verdict."""
     spec, model = plan.spec, plan.spec.model
     cuda = spec.device == "cuda"
