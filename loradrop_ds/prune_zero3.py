@@ -94,7 +94,7 @@ class Pruner:
     """LoRAPrune's hooks, state and updates on one rank's (ZeRO-3 partitioned) peft model.
 
     Create it before ``deepspeed.initialize`` (so its forward hooks run while ZeRO-3 still has
-    A and B gathered) and pass it to ``train_stage`` as the recorder; call :meth:`update`
+    A and B gathered) and pass it to ``training.TrainingStage`` as the recorder; call :meth:`update`
     after each step in :attr:`steps`."""
 
     def __init__(self, model: nn.Module, cfg: Any, module_names: list[str], dims: ModelDims, total_steps: int,
@@ -177,7 +177,7 @@ class Pruner:
 
     @contextlib.contextmanager
     def recording(self, token_mask: torch.Tensor) -> Iterator[None]:
-        """Around each micro-batch's forward (the train_stage recorder protocol). Recomputed
+        """Around each micro-batch's forward (the TrainingStage recorder protocol). Recomputed
         forwards (activation checkpointing) run outside it and are not recorded twice."""
         self._recording = self._step_records
         try:

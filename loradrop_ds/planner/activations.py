@@ -118,7 +118,7 @@ def activation_estimate(spec: RunSpec, checkpointing: Optional[bool] = None) -> 
       backward (Korthikanti et al. 2022: full recomputation stores 2 s b h bytes per layer
       in 16-bit).
     * Head: the final RMSNorm's fp32 copy (4 h) and the logits (a V), which the training
-      loop holds through backward (``out = engine(**batch)`` in training.train_stage).
+      loop holds through backward (``out = engine(**batch)`` in training.TrainingStage).
     * Loss (transformers loss_utils.ForCausalLMLoss): logits upcast to fp32, cross_entropy =
       log_softmax (saves its fp32 output, 4 V) + nll; its backward makes two fp32 gradients
       of that size: 12 V per token at the loss's backward, when every stored layer is alive.
