@@ -197,7 +197,12 @@ def check_same_on_every_rank(world_size: int, view: Any, error: Callable[[int, A
     """The one cross-rank agreement check: every rank's ``view`` (small and picklable: a
     fingerprint, a tuple of sizes) is compared with rank 0's, and if the lowest rank R
     that differs exists, every rank raises ``error(R, R's view, rank 0's view)``: the same
-    exception on every rank, so no rank goes on alone. One ``all_gather_object``."""
+    exception on every rank, so no rank goes on alone. One ``all_gather_object``.
+
+    On NCCL the pickled views travel through ``torch.cuda.current_device()`` (torch 2.13,
+    ``distributed_c10d.all_gather_object``), which :func:`init_distributed` sets to this
+    rank's GPU; :func:`run_on_every_rank` relies on the same. This replaced a min/max
+    all-reduce of the selection's fingerprint on ``DistInfo.device``."""
     views = [view]
     if world_size > 1:
         views = [None] * world_size
