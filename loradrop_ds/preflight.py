@@ -134,7 +134,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
                                 dims.num_layers, list(cfg.lora.target_modules), costs)
     base = ckpt.base_model_identity(cfg.model.path, resolve_model_path(cfg.model.path))
     out_dir = Path(cfg.output_dir)
-    resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir, cfg.overwrite)
+    resume = ckpt.find_resume_checkpoint(cfg.resume, out_dir, cfg.overwrite, current=(config_lib.to_dict(cfg), base))
     if resume is not None:
         ckpt.check_compatible(resume[1], config_lib.to_dict(cfg), info.world_size, base, resume[0])
     if info.is_main:

@@ -231,11 +231,20 @@ def verify_checkpoint(path: Path) -> Optional[str]:
             return f"{rel} is missing"
         if f.stat().st_size != size:
             return f"{rel} is {f.stat().st_size} bytes, expected {size} (truncated)"
+    try:
+        read_state(path)
+    except CheckpointError as e:
+        return str(e)
     return None
 
 
 def read_state(path: Path) -> RunState:
-    return RunState(**json.loads((Path(path) / "state.json").read_text()))
+    """The run state a checkpoint holds; CheckpointError naming the file if it cannot be read."""
+    file = Path(path) / "state.json"
+    try:
+        return RunState(**json.loads(file.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{file} cannot be read as a run state ({type(e).__name__}: {e})") from e
 
 
 def _order(path: Path) -> tuple[int, int]:
@@ -286,13 +295,16 @@ def move_run_aside(out_dir: Path) -> Optional[Path]:
     return aside
 
 
-def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False) -> Optional[tuple[Path, RunState]]:
+def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False,
+                           current: Optional[tuple[dict, dict]] = None) -> Optional[tuple[Path, RunState]]:
     """Resolve the ``resume`` setting to a checkpoint (or None: start fresh).
 
     ``resume=auto`` continues the newest complete checkpoint, but never trains over a
     finished run (``summary.json`` or a final ``adapter/`` in ``out_dir``) nor over the
     files of a run none of whose checkpoints is complete: those are refused unless
-    ``overwrite`` (start afresh; the earlier files are moved aside by ``move_run_aside``)."""
+    ``overwrite`` (start afresh; the earlier files are moved aside by ``move_run_aside``).
+    ``current``: this run's (config dict, base model identity), so that the refusal of a
+    finished run says how it differs from this one."""
     out_dir = Path(out_dir)
     fix = (f"use a new output_dir (with resume=never to be sure), or overwrite=true to move the earlier run "
            f"into {out_dir}/overwritten-<time>/ and start afresh")
@@ -313,8 +325,8 @@ def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False) 
     if resume == "auto":
         finished = [name for name in ("summary.json", "adapter") if (out_dir / name).exists()]
         if finished:
-            raise CheckpointError(f"output_dir {out_dir} holds a finished run ({', '.join(finished)}); resume=auto "
-                                  f"does not train over it: {fix}")
+            raise CheckpointError(f"output_dir {out_dir} holds a finished run ({', '.join(finished)})"
+                                  f"{_how_it_differs(out_dir, current)}; resume=auto does not train over it: {fix}")
         found = list_checkpoints(out_dir)
         if found:
             return found[0]
@@ -334,6 +346,26 @@ def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False) 
     if problem:
         raise CheckpointError(f"resume={resume}: not a complete checkpoint: {problem}")
     return path, read_state(path)
+
+
+def _how_it_differs(out_dir: Path, current: Optional[tuple[dict, dict]]) -> str:
+    """For the refusal of a finished run: how its newest checkpoint differs from this run
+    (other settings, another base model), or which file of it cannot be read."""
+    if current is None:
+        return ""
+    root = Path(out_dir) / CHECKPOINTS
+    names = sorted((p for p in root.iterdir() if _NAME.match(p.name)), key=_order, reverse=True) if root.is_dir() else []
+    if not names:
+        return " with no checkpoint to compare this run with"
+    try:
+        state = read_state(names[0])
+    except CheckpointError as e:
+        return f" whose newest checkpoint cannot be read: {e}"
+    config, base = current
+    if state.base_model.get("config_sha256") != base.get("config_sha256"):
+        return f" trained on another base model ({state.base_model.get('path')!r}: config.json differs)"
+    diffs = config_differences(state.config, config)
+    return f" made with other settings ({'; '.join(diffs)})" if diffs else " made with these settings"
 
 
 def global_batch(config: dict, world_size: int) -> int:

@@ -136,6 +136,40 @@ def test_resume_refuses_a_finished_run_other_settings_and_never(tiny_model, refe
                                                                      "main-step0000002"]
 
 
+def test_the_refusal_of_a_finished_run_says_how_it_differs(tiny_model, reference_run, tmp_path):
+    """A finished run asked to train again is refused in one line that says what differs: the
+    settings (each key with both values), the base model, or which file cannot be read."""
+    runs = {name: tmp_path / name for name in ("same", "settings", "base", "garbled")}
+    for run in runs.values():
+        shutil.copytree(reference_run, run)
+    other_base = tmp_path / "other_base"
+    shutil.copytree(tiny_model, other_base)
+    config = json.loads((other_base / "config.json").read_text())
+    (other_base / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 2e-6}))
+    state = runs["garbled"] / "checkpoints" / "main-step0000006" / "state.json"
+    state.write_bytes(b"{" * state.stat().st_size)  # the manifest's size, unreadable content
+    before = {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()}
+    procs = dict(zip(runs, run_ranks_many([args(tiny_model, runs["same"]), args(tiny_model, runs["settings"], "lora.r=4"),
+                                           args(other_base, runs["base"]), args(tiny_model, runs["garbled"])],
+                                          tmp_path / "logs", nproc=1, check=False), strict=True))
+    errors = {name: [line for line in proc.stderr.splitlines() if line.startswith("error:")] for name, proc in procs.items()}
+    for name, proc in procs.items():
+        assert proc.returncode == 2 and len(errors[name]) == 1, (name, proc.stderr[-2000:])
+        assert "holds a finished run (summary.json, adapter)" in errors[name][0] and "overwrite=true" in errors[name][0]
+    assert "made with these settings" in errors["same"][0]
+    assert "made with other settings (lora.r: checkpoint 8, now 4)" in errors["settings"][0], errors["settings"]
+    assert "trained on another base model" in errors["base"][0] and "config.json differs" in errors["base"][0]
+    assert f"{state} cannot be read as a run state" in errors["garbled"][0], errors["garbled"]
+    assert {p: p.read_bytes() for run in runs.values() for p in run.rglob("*") if p.is_file()} == before
+    # Without its finish, the run resumes from the newest checkpoint it can read: the garbled
+    # one is skipped like an unfinished write.
+    (runs["garbled"] / "summary.json").unlink()
+    shutil.rmtree(runs["garbled"] / "adapter")
+    assert [p.name for p, _ in ckpt.list_checkpoints(runs["garbled"])] == ["main-step0000004", "main-step0000002"]
+    with pytest.raises(ckpt.CheckpointError, match="cannot be read as a run state"):
+        ckpt.find_resume_checkpoint(str(state.parent), runs["garbled"])
+
+
 @pytest.mark.parametrize("point", ["before-marker", "before-rename"])
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model, tmp_path, reference_run, point):
     """Killed inside the write of main-step0000004: before its manifest is written, or
