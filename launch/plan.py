@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from loradrop_ds import planner
-from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths
-from loradrop_ds.config import ConfigError, load_config
+from loradrop_ds.cli import load_recipe
+from loradrop_ds.config import ConfigError
 from loradrop_ds.model import ModelError
 
 
@@ -66,9 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadInput("--gpu-mem is required for a GPU plan (e.g. --gpu-mem 80GB), or pass --cpu")
             gpu_mem = planner.parse_size(args.gpu_mem)
             host_mem = planner.parse_size(args.host_mem) if args.host_mem else None
-        # As launch/train.py: a shipped recipe by name, and ds_configs/ of an installed package.
-        cfg = load_config(resolve_recipe(args.config) if args.config else None, args.overrides)
-        resolve_shipped_paths(cfg)
+        cfg, _ = load_recipe(args.config, args.overrides)  # as launch/train.py
         plan = planner.plan_for_config(cfg, args.nodes * args.gpus_per_node, args.gpus_per_node, gpu_mem, host_mem,
                                        device="cpu" if args.cpu else "cuda", kept_fraction=args.kept_fraction)
     except (BadInput, ConfigError, ModelError, ValueError) as e:

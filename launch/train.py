@@ -47,7 +47,7 @@ from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt
 from loradrop_ds.atomic import atomic_write_text
-from loradrop_ds.cli import resolve_recipe, resolve_shipped_paths
+from loradrop_ds.cli import load_recipe
 from loradrop_ds.deepspeed_private import release_engine
 from loradrop_ds.distributed import RankFailure, run_on_every_rank
 from loradrop_ds.engine import create_engine, lr_lambda
@@ -99,8 +99,7 @@ def setup(argv: Optional[list[str]]) -> Run:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted.key=value settings that override the recipe")
     args = parser.parse_args(argv)
-    cfg = config_lib.load_config(resolve_recipe(args.config) if args.config else None, args.overrides)
-    shipped = resolve_shipped_paths(cfg)  # ds_configs/, data/ of an installed package when not in the cwd
+    cfg, shipped = load_recipe(args.config, args.overrides)  # ds_configs/, data/ shipped when not in the cwd
     info = distributed.init_distributed(cfg.dist.timeout_minutes)
     setup_logging(info.is_main)
     if info.is_main:

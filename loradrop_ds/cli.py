@@ -79,6 +79,16 @@ def resolve_recipe(name: str | os.PathLike) -> Path:
 SHIPPED_SETTINGS = ("deepspeed", "data.train_file", "data.eval_file")
 
 
+def load_recipe(recipe: str | None, overrides: list[str]) -> tuple[Any, list[str]]:
+    """The config of the recipe a user named (``resolve_recipe``; None: the embedded default)
+    with their ``dotted.key=value`` overrides, its path settings pointed at shipped files
+    (``resolve_shipped_paths``); and those changes, for the log. What train.py and plan.py load."""
+    from .config import load_config
+
+    cfg = load_config(resolve_recipe(recipe) if recipe else None, overrides)
+    return cfg, resolve_shipped_paths(cfg)
+
+
 def resolve_shipped_paths(cfg: Any) -> list[str]:
     """Point the path settings of a loaded config (``SHIPPED_SETTINGS``) that name no file
     in the working directory at the shipped file of that name, in place. Returns one

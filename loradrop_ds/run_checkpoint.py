@@ -218,24 +218,28 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 def verify_checkpoint(path: Path) -> Optional[str]:
     """None if ``path`` is a complete checkpoint, else why not."""
+    return _checked(path)[1]
+
+
+def _checked(path: Path) -> tuple[Optional[RunState], Optional[str]]:
+    """``(its run state, None)`` for a complete checkpoint, else ``(None, why not)``."""
     marker = path / MARKER
     if not marker.is_file():
-        return f"no {MARKER} (the write was interrupted)"
+        return None, f"no {MARKER} (the write was interrupted)"
     try:
         files = json.loads(marker.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as e:
-        return f"unreadable {MARKER} ({e})"
+        return None, f"unreadable {MARKER} ({e})"
     for rel, size in files.items():
         f = path / rel
         if not f.is_file():
-            return f"{rel} is missing"
+            return None, f"{rel} is missing"
         if f.stat().st_size != size:
-            return f"{rel} is {f.stat().st_size} bytes, expected {size} (truncated)"
+            return None, f"{rel} is {f.stat().st_size} bytes, expected {size} (truncated)"
     try:
-        read_state(path)
+        return read_state(path), None
     except CheckpointError as e:
-        return str(e)
-    return None
+        return None, str(e)
 
 
 def read_state(path: Path) -> RunState:
@@ -260,12 +264,12 @@ def list_checkpoints(out_dir: Path, warn: bool = True) -> list[tuple[Path, RunSt
         return []
     found = []
     for path in sorted((p for p in root.iterdir() if _NAME.match(p.name)), key=_order, reverse=True):
-        problem = verify_checkpoint(path)
+        state, problem = _checked(path)
         if problem:
             if warn:
                 log.warning("skipping checkpoint %s: %s", path, problem)
             continue
-        found.append((path, read_state(path)))
+        found.append((path, state))
     return found
 
 
@@ -342,10 +346,10 @@ def find_resume_checkpoint(resume: str, out_dir: Path, overwrite: bool = False,
     if not _NAME.match(path.name):
         raise CheckpointError(f"resume={resume}: not a checkpoint directory (names look like "
                               f"{checkpoint_name('main', 25)}; .tmp-* directories are unfinished writes)")
-    problem = verify_checkpoint(path)
+    state, problem = _checked(path)
     if problem:
         raise CheckpointError(f"resume={resume}: not a complete checkpoint: {problem}")
-    return path, read_state(path)
+    return path, state
 
 
 def _how_it_differs(out_dir: Path, current: Optional[tuple[dict, dict]]) -> str:
