@@ -33,6 +33,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # model.TORCH_DTYPES
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")  # model.resolve_attn_implementation
 DATA_FORMATS = ("template", "alpaca", "messages")  # data.py's readers
 LORA_VARIANTS = ("lora", "allora")  # lora.add_lora, allora.py
+LORA_COMPUTE_DTYPES = ("float32", "bfloat16")  # lora.add_lora
 SHARED_SCALES = ("none", "scalar", "vector")  # lora.add_shared_gains
 LR_SCHEDULES = ("cosine", "linear", "constant")  # engine.lr_lambda
 
@@ -55,6 +56,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Tokenizer directory or hub id; defaults to model.path.
     tokenizer: Optional[str] = None
+    # Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU and the linear cross-entropy that
+    # never materialises the logits): CUDA only, with the liger-kernel package (the `liger` extra).
+    liger: bool = False
 
 
 @dataclass
@@ -98,6 +102,10 @@ class LoraConfig:
     # 1/sqrt(||(BA)_i|| + 1/allora_eta2)). The paper also scales the learning rate by eta.
     variant: Literal[LORA_VARIANTS] = "lora"
     allora_eta2: float = 4.0
+    # The dtype of the LoRA matmuls. float32: peft's default on a bf16 base (the input is cast
+    # up, the adapter runs in fp32). bfloat16: in the base's dtype (needs model.dtype=bfloat16);
+    # the weights, their optimizer state and the gradient accumulation stay fp32 either way.
+    compute_dtype: Literal[LORA_COMPUTE_DTYPES] = "float32"
 
 
 @dataclass
@@ -185,6 +193,10 @@ class TrainConfig:
     # The start-up memory check (launch/plan.py's estimate against device memory) refuses a
     # run that cannot fit; true skips it.
     skip_memory_check: bool = False
+    # TF32 tensor cores for the fp32 matmuls that remain (CUDA only; torch's default is off).
+    tf32: bool = False
+    # The accelerator's dense bf16 peak in TFLOP/s for the MFU in the log; null: from the device name.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
