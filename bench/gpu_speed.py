@@ -11,14 +11,15 @@ vocab 32000; random weights, written once as bf16 safetensors) and rows that fil
 budget (2 sampling steps, then the main stage) with r=16 on all seven projections. Both
 run the same number of main steps; the first 2 are dropped as warm-up.
 
-FLOP convention (stated with the numbers in docs/BENCHMARKS.md): the base is frozen, so no
+FLOP convention (loradrop_ds/throughput.py, which every run's log uses; stated with the
+numbers in docs/BENCHMARKS.md): the base is frozen, so no
 weight gradients are computed for it: per token, forward 2N and backward (input gradients
 only) 2N, i.e. 4N for the N weights of the linear layers (attention, MLP, lm_head; the
 embedding lookup does no multiply). Causal attention adds 2·L·s·d per token forward (QK^T
 and AV, half of the s×s scores), twice that backward: 6·L·s·d. With activation checkpointing
 the forward runs twice: 6N + 8·L·s·d. LoRA's own FLOPs (<1% at r=16) are not counted, so
-the MFU is the base model's. Peak: 989.4 TFLOP/s dense bf16 (H100 SXM and H200, NVIDIA's
-data sheets); other cards get no MFU.
+the MFU is the base model's. Peak: the card's dense bf16 data-sheet figure
+(throughput.PEAK_BF16_TFLOPS: 989.4 TFLOP/s for H100 SXM and H200); other cards get no MFU.
 
 flash-attn is used when importable (``model.attn_implementation=auto``), else sdpa; the
 report says which. Results: ``OUT/gpu_speed.json`` (``gpu_speed_tiny.json`` with --tiny).
@@ -41,30 +42,25 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from gpu_smoke import TINY_WIDTHS, cli, free_port, main_stage_numbers, make_data, make_model  # noqa: E402
 
+from loradrop_ds.throughput import peak_for_name  # noqa: E402
+
 LLAMA2_7B_WIDTHS = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
                     "num_key_value_heads": 32, "vocab_size": 32000, "num_hidden_layers": 32}
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}  # dense, SXM data sheets
 
 
-def linear_weights(widths: dict) -> int:
-    """N: weights that take part in a matrix multiply (every projection and the lm_head)."""
-    d, i, layers = widths["hidden_size"], widths["intermediate_size"], widths["num_hidden_layers"]
-    head_dim = d // widths["num_attention_heads"]
-    kv = widths["num_key_value_heads"] * head_dim
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * i
-    return layers * per_layer + d * widths["vocab_size"]
+def step_flops(widths: dict, recompute: bool):
+    """The library's FLOP convention (loradrop_ds/throughput.py, the one every run logs) for these widths."""
+    from transformers import LlamaConfig
+
+    from loradrop_ds.model_dims import dims_from_config
+    from loradrop_ds.throughput import StepFlops
+
+    return StepFlops.for_model(dims_from_config(LlamaConfig(**widths), ["q_proj"]), recompute)
 
 
 def flops_per_token(widths: dict, seq: int, recompute: bool) -> float:
-    n = linear_weights(widths)
-    attention_forward = 2 * widths["num_hidden_layers"] * seq * widths["hidden_size"]
-    if recompute:
-        return 6 * n + 4 * attention_forward
-    return 4 * n + 3 * attention_forward
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name), None)
+    """Per token of full rows of ``seq`` tokens: 4N + 6·L·s·d (6N + 8·L·s·d with recomputation)."""
+    return step_flops(widths, recompute).flops(seq, seq * seq) / seq
 
 
 def main() -> int:
@@ -94,9 +90,9 @@ def main() -> int:
                     "micro_batch": args.micro_batch, "gradient_checkpointing": args.gradient_checkpointing,
                     "attention": "flash_attention_2" if importlib.util.find_spec("flash_attn") and device == "cuda"
                     else "sdpa",
-                    "linear_weights_N": linear_weights(widths),
+                    "linear_weights_N": step_flops(widths, args.gradient_checkpointing).linear_weights,
                     "flops_per_token": flops_per_token(widths, seq, args.gradient_checkpointing),
-                    "peak_flops": peak_flops(name),
+                    "peak_flops": peak_for_name(name),
                     "command": "python bench/gpu_speed.py " + " ".join(sys.argv[1:])}
     args.out.mkdir(parents=True, exist_ok=True)
     result_file = args.out / ("gpu_speed_tiny.json" if args.tiny else "gpu_speed.json")

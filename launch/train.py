@@ -74,7 +74,6 @@ from loradrop_ds.plot import write_selection_files
 from loradrop_ds.preflight import preflight
 from loradrop_ds.prune_zero3 import pruner_for_run, write_prune_dir
 from loradrop_ds.run_context import Run
-from loradrop_ds.training import TrainingStage
 
 log = logging.getLogger("loradrop_ds.train")
 
@@ -111,7 +110,12 @@ def setup(argv: Optional[list[str]]) -> Run:
     logger = MetricsLogger(cfg.output_dir, enabled=info.is_main, report_to=cfg.train.report_to)
     logger.log_config(config_lib.to_dict(cfg))
     results = dict(inputs.resume[1].results) if inputs.resume else {}
-    return Run(cfg, info, inputs, logger, results, wall_start)
+    run = Run(cfg, info, inputs, logger, results, wall_start)
+    if info.is_main:
+        peak = run.peak_flops
+        log.info("throughput: model FLOPs %s; MFU against %s", run.step_flops.convention,
+                 f"{peak / 1e12:.1f} TFLOP/s" if peak else "no known peak (set train.peak_tflops for an MFU)")
+    return run
 
 
 # ------------------------------------------------------------------- 2. sampling
@@ -136,8 +140,7 @@ def sampling_stage(run: Run) -> Sampling:
         run.logger.log({"stage": "zero_shot", **run.results["zero_shot"]}, step=0)
     # Kept in the results, so checkpoints carry it: a resumed run reaches the same decision.
     sampling.history = run.results.setdefault("sampling_history", [])
-    stage = TrainingStage(engine, batches, max_steps, stage="sampling", info=info, logger=run.logger,
-                          log_every=cfg.train.log_every, start_step=sampling.steps, recorder=recorder)
+    stage = run.training_stage(engine, batches, max_steps, "sampling", sampling.steps, recorder)
     for step, loss in stage:
         sampling.steps = step
         run.results["sampling_last_loss"] = loss
@@ -151,7 +154,8 @@ def sampling_stage(run: Run) -> Sampling:
             run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)  # the end: below
     recorder.remove()
     run.results["sampling"] = {"steps": sampling.steps, "final_loss": run.results.get("sampling_last_loss"),
-                               "subset_size": len(run.inputs.sample), "seconds_this_process": stage.result().seconds}
+                               "subset_size": len(run.inputs.sample), "seconds_this_process": stage.result().seconds,
+                               **stage.result().rates(run.peak_flops)}
     if auto:
         run.results["sampling"]["settled"] = sampling.steps < max_steps
         if sampling.steps == max_steps:
@@ -249,8 +253,7 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
     if start_step == 0:
         run.logger.log({"stage": "main", "trainable_params": run.results["trainable_params"],
                         "plain_lora_params": run.inputs.plain_lora_params}, step=0)
-    stage = TrainingStage(engine, batches, main_steps, stage="main", info=info, logger=run.logger,
-                          log_every=cfg.train.log_every, start_step=start_step, recorder=run.pruner)
+    stage = run.training_stage(engine, batches, main_steps, "main", start_step, run.pruner)
     for step, loss in stage:
         run.results["main_last_loss"] = loss
         if run.pruner is not None and step in run.pruner.steps:
@@ -261,8 +264,7 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
             run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
     result = stage.result()
     run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
-                           "seconds_this_process": result.seconds,
-                           "tokens_per_s_per_rank": result.tokens_per_rank / max(result.seconds, 1e-9)}
+                           "seconds_this_process": result.seconds, **result.rates(run.peak_flops)}
     if run.pruner is not None:
         run.results["prune"] = run.pruner.summary()
         if info.is_main:

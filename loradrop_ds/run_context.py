@@ -17,7 +17,8 @@ from .importance import Selection
 from .metrics import MetricsLogger
 from .preflight import Inputs
 from .prune_zero3 import Pruner, write_prune_dir
-from .training import evaluate
+from .throughput import StepFlops, peak_flops_per_s
+from .training import TrainingStage, evaluate
 
 
 @dataclasses.dataclass
@@ -44,6 +45,23 @@ class Run:
     @property
     def resumed(self) -> Optional[ckpt.RunState]:
         return self.inputs.resume[1] if self.inputs.resume else None
+
+    @property
+    def step_flops(self) -> StepFlops:
+        """The model-FLOP count of a step (throughput.py's convention) for this model and recomputation."""
+        return StepFlops.for_model(self.inputs.dims, self.cfg.model.gradient_checkpointing)
+
+    @property
+    def peak_flops(self) -> Optional[float]:
+        """The MFU's denominator: train.peak_tflops, else the device's dense bf16 peak, else None."""
+        return peak_flops_per_s(self.info.device, self.cfg.train.peak_tflops)
+
+    def training_stage(self, engine: Any, batches: data_lib.MicroBatches, steps: int, stage: str, start_step: int,
+                       recorder: Any = None) -> TrainingStage:
+        """``stage``'s steps ``start_step + 1 .. steps``, logged every train.log_every with throughput and MFU."""
+        return TrainingStage(engine, batches, steps, stage=stage, info=self.info, logger=self.logger,
+                             log_every=self.cfg.train.log_every, start_step=start_step, recorder=recorder,
+                             flops=self.step_flops, peak_flops=self.peak_flops)
 
     def evaluate(self, engine: Any, desc: str, probe: Optional[dict] = None) -> dict:
         if self.inputs.eval_set is None:

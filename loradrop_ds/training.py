@@ -17,6 +17,7 @@ from .deepspeed_private import forget_zero3_trace
 from .distributed import DistInfo
 from .faults import fault_point
 from .metrics import MetricsLogger, progress_bar
+from .throughput import StepFlops, peak_memory
 
 
 @dataclass
@@ -25,6 +26,16 @@ class StageResult:
     losses: list[float]  # mean loss over all ranks at every optimizer step run
     tokens_per_rank: int
     seconds: float
+    flops_per_rank: float  # model FLOPs (throughput.StepFlops), 0 without a count
+    step_seconds: float  # the seconds of the steps alone: what the recipe did between steps left out
+    memory: dict[str, float]  # throughput.peak_memory at the end
+
+    def rates(self, peak_flops: Optional[float]) -> dict[str, Optional[float]]:
+        """The stage's throughput for summary.json: tokens/s and model TFLOP/s per rank (per GPU)
+        over its step time, the MFU when the peak is known, and the memory peaks."""
+        seconds = max(self.step_seconds, 1e-9)
+        return {"tokens_per_s_per_rank": self.tokens_per_rank / seconds, "tflops_per_rank": self.flops_per_rank / seconds / 1e12,
+                "mfu": self.flops_per_rank / seconds / peak_flops if peak_flops else None, **self.memory}
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -57,6 +68,10 @@ class TrainingStage:
     recipe does between two steps is not in the logged ``seconds_per_step`` and
     ``tokens_per_s_per_rank``. After it, ``STAGE:STEP`` is a test fault point
     (``loradrop_ds.faults``).
+
+    With ``flops`` (:class:`throughput.StepFlops`) each logged step also has the model
+    TFLOP/s per rank and, with ``peak_flops``, the MFU; CUDA runs log the allocated and
+    reserved memory peaks (``throughput.peak_memory``).
     """
 
     engine: Any
@@ -68,8 +83,12 @@ class TrainingStage:
     log_every: int = 1
     start_step: int = 0
     recorder: Optional[Any] = None
+    flops: Optional[StepFlops] = None
+    peak_flops: Optional[float] = None  # FLOP/s; None: no MFU
     losses: list[float] = field(default_factory=list)  # mean loss over all ranks at every step run
     tokens_per_rank: int = 0
+    flops_per_rank: float = 0.0
+    step_seconds: float = 0.0
     started: Optional[float] = None
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
@@ -80,8 +99,9 @@ class TrainingStage:
             torch.cuda.reset_peak_memory_stats(info.device)
         bar = progress_bar(self.steps, desc=self.stage, enabled=info.is_main)
         bar.update(self.start_step)
-        self.started = window_start = time.perf_counter()
+        self.started = step_start = time.perf_counter()
         window_tokens = window_steps = 0
+        window_flops = window_seconds = 0.0
         try:
             for step in range(self.start_step + 1, self.steps + 1):
                 # The loss stays on the device until the one all-reduce per step: no host
@@ -91,9 +111,14 @@ class TrainingStage:
                     recorder.begin_step(step)
                 for _ in range(grad_accum):
                     batch = next(self.batches)
-                    n = int(batch["token_mask"].sum())  # counted on the host, before the copy
+                    row_tokens = batch["token_mask"].sum(dim=1)  # counted on the host, before the copy
+                    n = int(row_tokens.sum())
                     window_tokens += n
                     self.tokens_per_rank += n
+                    if self.flops is not None:
+                        flops = self.flops.flops(n, int(row_tokens.pow(2).sum()))
+                        window_flops += flops
+                        self.flops_per_rank += flops
                     batch = {k: v.to(info.device, non_blocking=True) for k, v in batch.items()}
                     token_mask = batch.pop("token_mask")
                     with recorder.recording(token_mask) if recorder else contextlib.nullcontext():
@@ -103,28 +128,34 @@ class TrainingStage:
                     step_loss += out.loss.detach().to(torch.float64) / grad_accum
                 mean_loss = _mean_over_ranks(step_loss)  # also a sync point: step times below are whole steps
                 self.losses.append(mean_loss)
+                now = time.perf_counter()
+                window_seconds += now - step_start
+                self.step_seconds += now - step_start
                 window_steps += 1
                 if step % self.log_every == 0 or step == self.steps:
-                    now = time.perf_counter()
+                    seconds = max(window_seconds, 1e-9)
                     record = {
                         "stage": self.stage,
                         "loss": mean_loss,
                         "lr": engine.get_lr()[0],
-                        "tokens_per_s_per_rank": window_tokens / max(now - window_start, 1e-9),
-                        "seconds_per_step": (now - window_start) / window_steps,
+                        "tokens_per_s_per_rank": window_tokens / seconds,
+                        "seconds_per_step": seconds / window_steps,
                         "grad_norm": _grad_norm(engine),
-                        "peak_memory_gib": peak_memory_gib(info.device),
+                        **peak_memory(info.device),
                     }
+                    if self.flops is not None:
+                        record["tflops_per_rank"] = window_flops / seconds / 1e12
+                        if self.peak_flops:
+                            record["mfu"] = window_flops / seconds / self.peak_flops
                     self.logger.log(record, step=step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-                    window_start, window_tokens, window_steps = now, 0, 0
+                    window_tokens, window_steps, window_flops, window_seconds = 0, 0, 0.0, 0.0
                 bar.update(1)
                 # What the recipe does now (checkpoints, evals, selection checks, prune
-                # updates) is not step time: the timing window skips it (each logs its own
-                # time where it matters).
-                paused = time.perf_counter()
+                # updates) is not step time: the next step's clock starts after it (each
+                # logs its own time where it matters).
                 yield step, mean_loss
-                window_start += time.perf_counter() - paused
+                step_start = time.perf_counter()
                 fault_point(info, f"{self.stage}:{step}")
         finally:
             bar.close()
@@ -133,17 +164,8 @@ class TrainingStage:
         """The steps run so far by this call, their losses, tokens and wall time (including
         what the recipe did between steps)."""
         seconds = time.perf_counter() - self.started if self.started is not None else 0.0
-        return StageResult(len(self.losses), list(self.losses), self.tokens_per_rank, seconds)
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    """Peak memory of this rank: CUDA memory allocated since the stage began on GPUs; the
-    process's peak resident set (since it started) on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+        return StageResult(len(self.losses), list(self.losses), self.tokens_per_rank, seconds, self.flops_per_rank,
+                           self.step_seconds, peak_memory(self.info.device))
 
 
 def _grad_norm(engine: Any) -> Optional[float]:

@@ -176,3 +176,17 @@ def test_step_times_leave_out_what_runs_between_steps(tiny_model, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(0 < r["seconds_per_step"] < 1000 for r in steps), [r["seconds_per_step"] for r in steps]
     assert all(r["tokens_per_s_per_rank"] > 0.01 for r in steps)
+    # Model FLOPs per step by the convention, worked from the rows: 4N per token plus 6·L·d·n²
+    # per row of n tokens (the worker's N = 1000, L = 2, d = 8), over the same step time.
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    n = rows["row_tokens"]
+    step_flops = 4 * 1000 * sum(n) + 6 * 2 * 8 * sum(k * k for k in n)
+    for r in steps:
+        assert r["tflops_per_rank"] * 1e12 * r["seconds_per_step"] == pytest.approx(step_flops, rel=1e-6)
+        assert r["mfu"] == pytest.approx(r["tflops_per_rank"] * 1e12 / 1e6)
+    # The stage's rates for summary.json leave out the jumps too.
+    rates = rows["rates"]
+    seconds = 4 * sum(n) / rates["tokens_per_s_per_rank"]
+    assert 0 < seconds < 1000
+    assert rates["tflops_per_rank"] * 1e12 * seconds == pytest.approx(4 * step_flops, rel=1e-6)
+    assert rates["mfu"] == pytest.approx(rates["tflops_per_rank"] * 1e12 / 1e6) and rates["peak_memory_gib"] > 0

@@ -47,7 +47,9 @@ def runs(tiny_model, tmp_path_factory) -> dict:
     chat_model, chats = chat_setup(tiny_model, root)
     argvs = {
         # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
-        "layer": tiny_args(tiny_model, root / "layer", "loradrop.granularity=layer", "loradrop.warm_start=false"),
+        # The layer run gives the MFU a peak (a CPU has none of its own).
+        "layer": tiny_args(tiny_model, root / "layer", "loradrop.granularity=layer", "loradrop.warm_start=false",
+                           "train.peak_tflops=0.5"),
         "module": tiny_args(tiny_model, root / "module", "loradrop.granularity=module", "loradrop.warm_start=true"),
         "bf16": tiny_args(tiny_model, root / "bf16", "model.dtype=bfloat16"),
         "chat": tiny_args(chat_model, root / "chat", f"data.train_file={chats}", "data.eval_file=null",
@@ -76,8 +78,16 @@ def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, runs
     stages = {r["stage"] for r in records}
     assert {"zero_shot", "sampling", "main", "eval"} <= stages
     main_steps = [r for r in records if r["stage"] == "main" and "loss" in r]
-    assert len(main_steps) == 4 and all(r["tokens_per_s_per_rank"] > 0 for r in main_steps)
+    assert len(main_steps) == 4 and all(r["tokens_per_s_per_rank"] > 0 and r["tflops_per_rank"] > 0 for r in main_steps)
     summary = json.loads((out / "summary.json").read_text())
+    # Throughput in the log and the summary: MFU only where train.peak_tflops gives a peak.
+    for rates in [*main_steps, summary["main"], summary["sampling"]]:
+        if granularity == "layer":
+            assert rates["mfu"] == pytest.approx(rates["tflops_per_rank"] / 0.5)
+        else:
+            assert rates.get("mfu") is None
+    assert summary["main"]["tokens_per_s_per_rank"] > 0 and summary["main"]["peak_memory_gib"] > 0
+    assert "model FLOPs 4N + 6·L·d·Σn²" in log and "main stage per GPU:" in log
     assert summary["trainable_params"] < summary["plain_lora_params"]
     assert "eval_accuracy" in summary["final"]
 

@@ -3,20 +3,27 @@ ZeRO-3 engine.
 
 torchrun --nproc_per_node 1 tests/workers/step_timing.py MODEL_DIR OUT_DIR
 The clock TrainingStage reads jumps by 1000 s in the loop body after every step (as a long
-checkpoint or evaluation would take); metrics.jsonl is written to OUT_DIR."""
+checkpoint or evaluation would take); metrics.jsonl is written to OUT_DIR. The stage counts
+model FLOPs with the hand-set ``FLOPS`` and MFU against ``PEAK``; OUT_DIR/rows.json gets the
+batch's real tokens per row and the stage result's rates."""
 
+import json
 import sys
 import time
 import types
+from pathlib import Path
 
 from loradrop_ds import distributed, training
 from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.lora import add_lora
 from loradrop_ds.metrics import MetricsLogger
 from loradrop_ds.model import load_model, load_tokenizer
+from loradrop_ds.throughput import StepFlops
 from workers.common import ds_config_for, rank_batches, tiny_config
 
 JUMP = 1000.0
+FLOPS = StepFlops(linear_weights=1000, num_layers=2, attention_width=8, recompute=False)
+PEAK = 1e6  # FLOP/s
 
 
 def main(model_dir: str, out_dir: str) -> None:
@@ -37,11 +44,15 @@ def main(model_dir: str, out_dir: str) -> None:
     training.time = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0])
 
     logger = MetricsLogger(out_dir, enabled=info.is_main)
-    stage = training.TrainingStage(engine, batches(), 4, stage="main", info=info, logger=logger, log_every=1)
+    stage = training.TrainingStage(engine, batches(), 4, stage="main", info=info, logger=logger, log_every=1,
+                                   flops=FLOPS, peak_flops=PEAK)
     for _step, _loss in stage:
         offset[0] += JUMP
     logger.close()
-    assert stage.result().steps == 4
+    result = stage.result()
+    assert result.steps == 4
+    (Path(out_dir) / "rows.json").write_text(json.dumps({"row_tokens": batch["token_mask"].sum(dim=1).tolist(),
+                                                        "rates": result.rates(PEAK)}))
     distributed.exit_process(0)
 
 
