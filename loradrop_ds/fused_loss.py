@@ -15,12 +15,18 @@ parameter (``deepspeed.zero.register_external_parameter``, DeepSpeed 0.19.8
 module's own parameters (``partitioned_param_coordinator.iter_params`` chains
 ``ds_external_parameters``), its post-forward hook releases it
 (``release_sub_module``; an explicitly registered parameter has ``is_external_param=False``,
-so it is released like an own one). So the whole weight lives for the loss only. Without
-the registration DeepSpeed would find the read itself (``parameter_offload.ZeROOrderedDict``
-registers a partitioned parameter read during a forward on the innermost module in forward),
-but liger's own ``lce_forward`` reads it in the causal LM's forward: there the weight would
-be gathered at the start of every forward and held through forward and backward (vocab x
-hidden x 2 bytes: 1 GiB for Llama-3-8B, 2 GiB for 70B). The module's backward hooks gather
+so it is released like an own one). So the whole weight lives for the loss only.
+
+Where the read happens is what matters. DeepSpeed 0.19.8 also registers by itself a
+partitioned parameter read during a forward, on the innermost module in forward
+(``parameter_offload.ZeROOrderedDict.__getitem__``): here that is this module, and the
+2-rank test passes without the explicit registration; the registration is the documented
+API and does not rely on that discovery (skipped under torch.compile, and its first gather
+bypasses the coordinator's count of live parameters). Liger's own ``lce_forward`` reads the
+weight in the causal LM's forward: it is attached there, gathered at the start of every
+forward and held through it and into the backward (a scratch run of the 2-rank test with the
+registration on the causal LM: whole while the last decoder layer runs, both ways), vocab x
+hidden x 2 bytes: 1 GiB for Llama-3-8B, 2 GiB for 70B. The module's backward hooks gather
 the weight once more at the start of the loss's backward (``fetch_sub_module`` fetches every
 parameter of a module, external ones included) although neither kernel reads it there (both
 compute the hidden states' gradient in the forward); it is released when the hidden states'
