@@ -233,3 +233,35 @@ def test_fused_loss_under_zero3_equals_transformers_loss(tiny_model, tmp_path_fa
     _compare(out, "rebuilt", reference_run(tiny_model, batches, cfg.seed + 1, 8, 1, LR))
     tied = _compare(out, "tied", reference_run(tied_dir, batches, cfg.seed, 9, 2, LR))
     assert tied["tied"]
+
+
+def test_liger_patches_a_llama_model_in_place(tiny_model, monkeypatch):
+    """Where liger-kernel imports (the `liger` extra; its Triton kernels need a GPU to run, its
+    patching does not): apply_liger on a built model binds Liger's RMSNorm and SwiGLU forwards
+    to the model's own modules (state-dict keys unchanged: the checkpoint loads as before),
+    replaces RoPE in transformers' modeling_llama, attaches the fused loss, and all of it
+    survives peft's wrap and unload (the main stage's rebuild on the same base)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (triton may fail in many ways)
+        pytest.skip(f"liger-kernel does not import here ({type(e).__name__}); CI does not install the `liger` extra")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from loradrop_ds.liger import apply_liger, liger_linear_cross_entropy
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):  # liger replaces them process-wide:
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))  # restored after this test
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    keys = list(model.state_dict())
+    apply_liger(model)
+    assert list(model.state_dict()) == keys
+    assert model.fused_lm_loss.kernel is liger_linear_cross_entropy
+    assert modeling_llama.apply_rotary_pos_emb.__name__ == "liger_rotary_pos_emb"
+    base = get_peft_model(model, LoraConfig(r=4, target_modules=["gate_proj", "down_proj"])).unload()
+    assert base is model and base.forward.__func__.__name__ == "_fused_loss_forward"
+    names = [m._get_name() for m in (base.model.norm, *(x for layer in base.model.layers
+                                                         for x in (layer.input_layernorm, layer.mlp)))]
+    assert names == ["LigerRMSNorm"] + ["LigerRMSNorm", "LigerSwiGLUMLP"] * len(base.model.layers)
+    assert modeling_llama.LlamaRMSNorm.__name__ == "LigerRMSNorm"  # and for later builds (restored by monkeypatch)
