@@ -311,6 +311,10 @@ def load_model(cfg: ModelConfig, ds_config: Optional[dict], device_type: str) ->
         trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False  # no KV cache in training
+    if cfg.liger:  # CUDA only, refused elsewhere by preflight (liger.check_liger)
+        from .liger import apply_liger
+
+        apply_liger(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for p in model.parameters():

@@ -31,6 +31,7 @@ from .distributed import DistInfo, check_same_on_every_rank, run_on_every_rank
 from .engine import SizeHints, load_ds_config
 from .errors import USER_ERRORS
 from .importance import ParamCosts, check_selection_request, lora_param_count
+from .liger import check_liger
 from .lora import shared_gain_numel
 from .model import (
     BUILTIN_PREFIX,
@@ -111,6 +112,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     # copies: a model that cannot be loaded is refused here. Read once per run: see ``dims``.
     model_config = load_model_config(cfg.model)
     check_architecture(model_config, cfg.model.path)
+    check_liger(cfg.model, model_config, info.device.type)
     check_weight_files(cfg.model.path)  # headers only: missing shards, truncated files
     dims = dims_from_config(model_config, cfg.lora.target_modules, cfg.model)  # the run's one weightless model
     attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)

@@ -3,7 +3,8 @@
 #   bash scripts/setup.sh
 # torch is pinned to 2.13.0: on the project's CPU machines that pin picks a local CPU
 # build; any looser spec pulls several GB of CUDA packages. On a GPU cluster the same
-# pin installs the CUDA build; add flash-attn there with `pip install flash-attn --no-build-isolation`.
+# pin installs the CUDA build; add flash-attn there with `pip install flash-attn --no-build-isolation`,
+# and Liger's kernels (model.liger) with `.venv/bin/pip install -e ".[liger]"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import typing
 
 import pytest
@@ -54,6 +55,8 @@ def _cli_case(case, tmp_path, tiny_model):
         ds = tmp_path / "list.json"
         ds.write_text("[1, 2]")
         return [f"deepspeed={ds}"], f"deepspeed={ds}: expected a JSON object of settings, got list"
+    if case == "liger_on_cpu":  # Liger's kernels are Triton GPU kernels: refused before anything is read
+        return ["model.liger=true"], "model.liger=true needs a CUDA device (Liger's kernels are Triton GPU kernels)"
     if case == "encoder_decoder":
         from transformers import T5Config
 
@@ -75,7 +78,7 @@ def _cli_case(case, tmp_path, tiny_model):
 
 
 CLI_CASES = ["recipe_with_tab", "infinite_lr", "positional_template", "data_not_utf8", "row_lacks_column",
-             "deepspeed_not_object", "encoder_decoder", "truncated_weights", "tokenizer_too_big"]
+             "deepspeed_not_object", "liger_on_cpu", "encoder_decoder", "truncated_weights", "tokenizer_too_big"]
 
 
 BEFORE = {"notes.txt": b"a day of 64 GPUs\n", "eval.csv": b"step,acc\n50,0.82\n"}
@@ -253,6 +256,31 @@ def test_only_decoder_only_llama_family_models_are_accepted():
         check_architecture(T5Config(), "m")
     with pytest.raises(ModelError, match=r"model.path=m is a gpt2 model .* not a decoder-only LLaMA-family"):
         check_architecture(GPT2Config(), "m")
+
+
+def test_liger_is_refused_where_its_kernels_cannot_run(monkeypatch):
+    """model.liger=true: CUDA only, LLaMA's model type, SiLU-gated MLPs without biases, and
+    liger-kernel importable, each refused in one line naming the fix; false checks nothing."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from loradrop_ds.config import ModelConfig
+    from loradrop_ds.liger import check_liger
+
+    on, off = ModelConfig(path="m", liger=True), ModelConfig(path="m")
+    for device in ("cpu", "cuda"):
+        check_liger(off, Qwen2Config(), device)
+    with pytest.raises(ConfigError, match=r"^model.liger=true needs a CUDA device .* runs on cpu; set model.liger=false$"):
+        check_liger(on, LlamaConfig(), "cpu")
+    with pytest.raises(ConfigError, match=r"supports LLaMA-architecture models .* model.path=m is qwen2; set model.liger"):
+        check_liger(on, Qwen2Config(), "cuda")
+    with pytest.raises(ConfigError, match=r"needs hidden_act silu, and model.path=m has gelu; set model.liger=false"):
+        check_liger(on, LlamaConfig(hidden_act="gelu"), "cuda")
+    with pytest.raises(ConfigError, match=r"has no biases, and model.path=m has mlp_bias=true; set model.liger=false"):
+        check_liger(on, LlamaConfig(mlp_bias=True), "cuda")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel` now fails, installed or not
+    with pytest.raises(ConfigError, match=r"needs the liger-kernel package \(ModuleNotFoundError: .*\): pip install "
+                                          r"\"loradrop_ds\[liger\]\" .* or set model.liger=false$"):
+        check_liger(on, LlamaConfig(), "cuda")
 
 
 def test_weight_files_missing_or_truncated_are_named(tiny_model, tmp_path):

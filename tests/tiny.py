@@ -33,8 +33,9 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 600) -> None:
     }))
 
 
-def make_tiny_llama(out_dir: Path, num_layers: int = 4, hidden: int = 64, seed: int = 0) -> Path:
-    """Tokenizer + random fp32 LLaMA (``num_layers`` layers, GQA 4 heads / 2 KV heads)."""
+def make_tiny_llama(out_dir: Path, num_layers: int = 4, hidden: int = 64, seed: int = 0, tied: bool = False) -> Path:
+    """Tokenizer + random fp32 LLaMA (``num_layers`` layers, GQA 4 heads / 2 KV heads);
+    ``tied``: the LM head is the input embedding (SmolLM2's ``tie_word_embeddings``)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -45,7 +46,7 @@ def make_tiny_llama(out_dir: Path, num_layers: int = 4, hidden: int = 64, seed: 
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
