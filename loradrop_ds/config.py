@@ -531,6 +531,9 @@ def validate(cfg: Config) -> None:
     _check(train.weight_decay >= 0, f"train.weight_decay must be >= 0, got {train.weight_decay}")
     _check(0.0 <= train.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {train.min_lr_ratio}")
     _check(train.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 disables clipping), got {train.max_grad_norm}")
+    _check(train.peak_tflops is None or train.peak_tflops > 0,
+           f"train.peak_tflops must be > 0 (the accelerator's dense bf16 TFLOP/s), or null to look it up by device name; "
+           f"got {train.peak_tflops}")
     _check(train.log_every >= 1, f"train.log_every must be >= 1, got {train.log_every}")
     _check(train.eval_every >= 0, f"train.eval_every must be >= 0, got {train.eval_every}")
     _check(train.save_every >= 0, f"train.save_every must be >= 0 (0: only at stage ends), got {train.save_every}")

@@ -161,7 +161,7 @@ def test_every_float_setting_is_covered():
         "lora.alpha", "lora.dropout", "lora.allora_eta2", "loradrop.threshold", "loradrop.sample_ratio", "loradrop.sampling_lr",
         "loradrop.param_budget",
         "train.num_epochs", "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
-        "data.eval_split_ratio", "dist.timeout_minutes", "prune.target_sparsity", "prune.start_fraction",
+        "train.peak_tflops", "data.eval_split_ratio", "dist.timeout_minutes", "prune.target_sparsity", "prune.start_fraction",
         "prune.end_fraction", "prune.ema", "prune.exempt_first_fraction"}
 
 
@@ -170,6 +170,12 @@ def test_every_float_setting_is_covered():
 def test_non_finite_floats_are_refused_by_name(key, value):
     with pytest.raises(ConfigError, match=rf"^{key}: .* is not a finite number"):
         load_config(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_a_peak_that_is_not_positive_is_refused(value):
+    with pytest.raises(ConfigError, match=r"^train.peak_tflops must be > 0 .* or null"):
+        load_config(None, [f"train.peak_tflops={value}"])
 
 
 def test_negative_weight_decay_is_refused():
