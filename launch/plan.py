@@ -7,8 +7,9 @@
 
 Prints one column per stage (sampling: LoRA in every layer; main: kept + shared LoRA, all
 layers kept unless --kept-fraction says otherwise), rows for each kind of memory, totals and
-a verdict. Reads the model's config only (no weights; the recipes' hub models are known
-offline). Exit code 0: fits; 1: does not fit; 2: bad input (one line on stderr).
+the bytes of a checkpoint on disk (per checkpoint and with train.keep_last), and a verdict.
+Reads the model's config only (no weights; the recipes' hub models are known offline).
+Exit code 0: fits; 1: does not fit; 2: bad input (one line on stderr).
 Sizes: GB = 1e9 bytes, GiB = 2^30 (an "80 GB" H100 has 79.6 GiB; 80GB under-states it a little).
 """
 
@@ -25,6 +26,7 @@ from loradrop_ds import planner
 from loradrop_ds.cli import load_recipe
 from loradrop_ds.config import ConfigError
 from loradrop_ds.model import ModelError
+from loradrop_ds.planner.checkpoint_bytes import format_checkpoint_bytes
 
 
 class BadInput(ValueError):
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInput, ConfigError, ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(planner.format_plan(plan, args.config or "default recipe"))
+    table, verdict = planner.format_plan(plan, args.config or "default recipe").rsplit("\n", 1)
+    # The checkpoints' bytes on disk, before the verdict (the last line: the answer).
+    print("\n".join([table, format_checkpoint_bytes(plan.spec, [s.stage for s in plan.stages], cfg.train.keep_last),
+                     verdict]))
     return 0 if plan.fits else 1
 
 

@@ -7,8 +7,9 @@ names are the same in 0.19.3).
   ``__params_to_release``, the per-module hook state, each parameter's ``_z3_optimizer``);
   tests/test_engine.py fails when DeepSpeed stops leaking, so the workaround can go.
 - :func:`forget_zero3_trace`: the prefetch trace reset after an evaluation.
-- :func:`set_own_partition` and :func:`create_adam_state`: writing one rank's slice of the
-  fp32 master weights and Adam moments (resume on another number of ranks).
+- :func:`own_partition`, :func:`create_adam_state` and :func:`restore_working_copy`: reading
+  and writing one rank's slice of the fp32 master weights and Adam moments, and rebuilding the
+  working copy the forward pass uses from it (resume from a checkpoint, at any number of ranks).
 
 Everything here is the same on CUDA/NCCL and CPU/gloo: none of it touches a device API.
 """
@@ -117,21 +118,44 @@ def release_engine(engine: Any, keep_model: bool = False) -> Optional[torch.nn.M
     return module
 
 
-def set_own_partition(param: Any, value: torch.Tensor, optim_state_key: Optional[str]) -> None:
-    """This rank's slice of ``value`` into its ZeRO-3 partition of ``param``'s fp32 master
-    (``optim_state_key=None``) or Adam moment. DeepSpeed 0.19.8's ``set_full_hp_param``
-    (``stage3.py``, behind ``safe_set_full_*``) narrows the full value at ``rank * partition
-    size`` without padding, which fails on the last ranks when the size does not divide by
-    the number of ranks (SmolLM2 at r = 8 on 5 ranks, Llama on 3 or 24): the others would
-    then wait in the next collective. Here the slice is clamped and the padding zeroed."""
+def own_partition(param: Any, optim_state_key: Optional[str]) -> tuple[torch.Tensor, int]:
+    """This rank's ZeRO-3 partition of ``param``'s fp32 master (``optim_state_key=None``) or
+    Adam moment, a view into the optimizer's flat fp32 buffer, and the index in the flattened
+    full tensor where it starts.
+
+    DeepSpeed 0.19.8 (``partition_parameters.py`` ``_partition_param``): a parameter of
+    ``ds_numel`` elements is split into ``world`` partitions of ``ceil(ds_numel / world)``
+    elements; rank r holds elements ``[r * size, (r + 1) * size)`` of the flattened
+    parameter, and the part past ``ds_numel`` (the last ranks') is padding. The optimizer's
+    fp32 partition (``stage3.py`` ``_get_fp32_opt_state_partition``) has the same size and
+    order. Its ``set_full_hp_param`` narrows the full value without clamping, which fails on
+    the last ranks when the size does not divide by the number of ranks (SmolLM2 at r = 8 on
+    5 ranks, Llama on 3 or 24): callers here clamp and zero the padding instead."""
     opt = param._z3_optimizer
     partition, _ = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False,
                                                      optim_state_key=optim_state_key)
-    start = partition.numel() * opt._get_param_partition_rank(param)
-    piece = value.flatten()[start:start + partition.numel()]
-    with torch.no_grad():
-        partition.zero_()
-        partition[: piece.numel()].copy_(piece)
+    return partition, partition.numel() * opt._get_param_partition_rank(param)
+
+
+def restore_working_copy(engine: Any) -> None:
+    """After the fp32 master partitions were written: the working copy the forward pass
+    gathers (each parameter's ``ds_tensor``, in the model's dtype) from them, and the
+    resident (persistent) parameters gathered whole again, as DeepSpeed 0.19.8 does after
+    loading its own checkpoint (``engine.load_checkpoint``: ``checkpoint_event_prologue``,
+    ``stage3.py`` ``_rigid_load_state_dict``'s fp32 -> low-precision copy and unflatten, here
+    ``_reassign_or_swap_out_partitioned_parameters``, the same per sub-group step that ends an
+    optimizer step; then ``checkpoint_event_epilogue``, which also drops hpZ's secondary
+    copies, so none is gathered from stale values: tests/test_resume.py's hpZ resume fails
+    without it). The copy is the optimizer's own cast, so a bf16 working copy is bit for bit
+    the one an uninterrupted run holds. The prologue partitions every parameter, the resident
+    ones too: a no-op on an engine that has not run a forward yet (every resume here: resident
+    parameters are first gathered by the first forward, from the partitions written here),
+    kept so that a restore after a forward would not leave them holding old values."""
+    opt = engine.optimizer
+    opt.checkpoint_event_prologue()
+    for sub_group in range(len(opt.fp32_partitioned_groups_flat)):
+        opt._reassign_or_swap_out_partitioned_parameters(sub_group)
+    opt.checkpoint_event_epilogue()
 
 
 def create_adam_state(engine: Any) -> None:

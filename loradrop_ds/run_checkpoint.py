@@ -2,16 +2,16 @@
 
 A checkpoint is a directory ``output_dir/checkpoints/<stage>-step<NNNNNNN>/`` holding
 
-* ``ds/``: DeepSpeed's own checkpoint with ``exclude_frozen_parameters=True``: the LoRA
-  parameters' fp32 partitions, the optimizer state and the LR scheduler, never the
-  frozen base weights;
+* ``optimizer_state.safetensors`` and ``optimizer_state.json``: the trainable LoRA
+  parameters' fp32 master values and AdamW moments as full tensors, with the optimizer
+  step, param groups and LR scheduler state (``training_state``): the one copy of the
+  optimizer state, independent of the number of ranks, from which a run resumes on any
+  number of them (each rank reading only its own slices). DeepSpeed's own per-rank
+  checkpoint is not written: it held the same state a second time;
 * ``adapter/``: the LoRA weights gathered into a standard PEFT adapter (what export reads,
   without DeepSpeed or ranks);
 * ``rng/rank<R>.pt`` and, in the sampling stage, ``stats/rank<R>.safetensors``: each rank's
-  RNG state and its partial LoRA-output statistics;
-* ``full_state.pt``: the same LoRA parameters and Adam state gathered into full,
-  unpartitioned fp32 tensors, with the optimizer step, LR and scheduler state: a
-  rank-independent form, read only to resume on another number of ranks;
+  RNG state and its partial LoRA-output statistics (the only files per rank);
 * ``state.json``: stage, step, data position, world size, resolved config, base model
   identity, the selection once made and the results so far;
 * ``COMPLETE.json``, written last: the manifest of every file with its size.
@@ -19,7 +19,11 @@ A checkpoint is a directory ``output_dir/checkpoints/<stage>-step<NNNNNNN>/`` ho
 Every rank writes into ``checkpoints/.tmp-<name>/``; rank 0 then writes the manifest and
 renames the directory into place, so a checkpoint appears whole or not at all. A run's
 directory must be on storage every rank sees (a shared filesystem across nodes), as for
-any DeepSpeed checkpoint. Old checkpoints are pruned only after a newer one is complete.
+any DeepSpeed checkpoint. Old checkpoints are pruned only after a newer one is complete, so
+``keep_last + 1`` exist while one is written (``planner.checkpoint_bytes``).
+
+Checkpoints of the older format (``ds/`` and ``full_state.pt``) still resume, at any number
+of ranks, from their ``full_state.pt`` (``training_state``).
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from typing import Any, Optional
 
 import torch
 
+from . import training_state
 from .atomic import atomic_write_text
-from .deepspeed_private import create_adam_state, set_own_partition
 from .faults import fault_point
 from .importance import ImportanceStats
 
@@ -55,7 +59,7 @@ RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_ever
 # Files and directories a run writes into output_dir (moved aside together by overwrite=true).
 RUN_FILES = (CHECKPOINTS, "adapter", "summary.json", "config.yaml", "metrics.jsonl", "metrics.jsonl.previous",
              "selection.json", "importance.png", "selection_history.png", "probe_logits.safetensors")
-FULL_STATE = "full_state.pt"
+FULL_STATE = training_state.LEGACY_FULL_STATE  # the older format's rank-independent state (read only)
 
 
 class CheckpointError(ValueError):
@@ -104,28 +108,6 @@ def _sizes(root: Path, files: list[Path]) -> dict[str, int]:
     return {str(f.relative_to(root)): f.stat().st_size for f in files}
 
 
-_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
-
-
-def _deepspeed_files(tmp: Path, rank: int, is_main: bool) -> list[Path]:
-    """The files of DeepSpeed's checkpoint that this rank wrote: its own
-    ``zero_pp_rank_<R>_*`` model and optimizer states under ``ds/``, and on rank 0 the
-    shared ones (files under ``ds/`` without a rank, and the ``zero_to_fp32.py`` scripts
-    DeepSpeed copies next to ``ds/``). A rank lists only what it wrote itself, which it
-    always sees, whatever the shared filesystem shows yet of the other ranks' files. Only
-    ``ds/`` and the top level are scanned: the other ranks write into ``rng/``, ``stats/``
-    and (rank 0) ``adapter/`` meanwhile."""
-    own = []
-    candidates = sorted((tmp / "ds").rglob("*")) + (sorted(tmp.iterdir()) if is_main else [])
-    for f in candidates:
-        if not f.is_file():
-            continue
-        m = _RANK_FILE.search(f.name)
-        if (m is not None and int(m.group(1)) == rank) or (m is None and is_main):
-            own.append(f)
-    return own
-
-
 def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, keep_last: int,
                         stats: Optional[ImportanceStats] = None,
                         write_extra: Optional[Callable[[Path], list[Path]]] = None) -> Path:
@@ -154,12 +136,11 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             (tmp / "stats").mkdir()
 
     distributed.run_on_every_rank(info, "checkpoint", make_tmp)
-    engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
     adapter_state = gather_lora_state(engine.module, copy_here=info.is_main)  # collective
-    full_state = gather_full_state(engine, copy_here=info.is_main)  # collective
+    optimizer_state = training_state.write_training_state(engine, tmp, info.is_main)  # collective; rank 0 writes
 
     def write_rank_files() -> dict[str, int]:
-        written = _deepspeed_files(tmp, info.rank, info.is_main)
+        written = list(optimizer_state.files())  # rank 0's, or the error that stopped its write
         rng = {"cpu": torch.get_rng_state()}
         if info.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(info.device)
@@ -175,8 +156,6 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
                       written[-1], metadata={"module_names": json.dumps(stats.module_names)})
         if info.is_main:
             adapter = save_adapter(engine.module, tmp / "adapter", True, state=adapter_state)
-            torch.save(full_state, tmp / FULL_STATE)
-            written.append(tmp / FULL_STATE)
             atomic_write_text(tmp / "state.json", json.dumps(asdict(state), indent=2), fsync=True)
             written += [f for f in sorted(adapter.rglob("*")) if f.is_file()] + [tmp / "state.json"]
             if write_extra is not None:
@@ -379,21 +358,20 @@ def global_batch(config: dict, world_size: int) -> int:
 def check_compatible(state: RunState, config: dict, world_size: int, base_model: dict, path: Path) -> None:
     """Refuse a resume that would not continue the same run.
 
-    Another number of ranks is accepted (the checkpoint's ``full_state.pt`` is read
-    instead of the per-rank ZeRO shards); ``train.grad_accum`` may change with it when
-    the global batch (micro_batch_size x grad_accum x ranks) stays the same."""
+    Another number of ranks is accepted (the training state is rank-independent);
+    ``train.grad_accum`` may change with it when the global batch (micro_batch_size x
+    grad_accum x ranks) stays the same. A checkpoint whose optimizer state this version
+    cannot read (DeepSpeed's ``ds/`` only) is refused with what to do."""
     if state.base_model.get("config_sha256") != base_model.get("config_sha256"):
         raise CheckpointError(f"checkpoint {path} was trained on base model {state.base_model.get('path')!r}, "
                               f"which differs from model.path={base_model.get('path')!r} (config.json differs)")
+    unreadable = training_state.unreadable_reason(path)
+    if unreadable:
+        raise CheckpointError(unreadable)
     diffs = config_differences(state.config, config)
-    if state.world_size != world_size:
-        if global_batch(state.config, state.world_size) == global_batch(config, world_size):
-            diffs = [d for d in diffs if not d.startswith("train.grad_accum:")]
-        if not (Path(path) / FULL_STATE).is_file():
-            raise CheckpointError(
-                f"checkpoint {path} was written by {state.world_size} ranks, this run has {world_size}, and it has "
-                f"no {FULL_STATE} (written since resume on another number of ranks exists): resume it with "
-                f"{state.world_size} ranks")
+    if state.world_size != world_size and global_batch(state.config, state.world_size) == global_batch(config,
+                                                                                                     world_size):
+        diffs = [d for d in diffs if not d.startswith("train.grad_accum:")]
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made with other settings; resuming would not continue "
                               "the same run:\n  " + "\n  ".join(diffs))
@@ -415,89 +393,17 @@ def map_stream_position(position: int, num_items: int, old_group: int, new_group
     return epoch * (num_items // new_group) + min(-(-group * old_group // new_group), num_items // new_group)
 
 
-def gather_full_state(engine: Any, copy_here: bool) -> Optional[dict]:
-    """The trainable parameters' fp32 master values and Adam moments as full tensors, with
-    the optimizer step, LRs and scheduler state: independent of the number of ranks.
-    A ZeRO-3 collective: call on every rank; only ``copy_here`` ranks get the dict."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    params = {}
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        full = {"fp32": safe_get_full_fp32_param(p)}
-        for key in ("exp_avg", "exp_avg_sq"):
-            full[key] = safe_get_full_optimizer_state(p, key)
-        if copy_here:
-            params[name] = {k: v.detach().to("cpu", copy=True).reshape(p.ds_shape if hasattr(p, "ds_shape")
-                                                                         else p.shape) for k, v in full.items()}
-    if not copy_here:
-        return None
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
-    return {"params": params, "optimizer_step": steps[0] if steps else 0.0,
-            "lrs": [g["lr"] for g in inner.param_groups],
-            "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
-            "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
-
-
-def load_full_state(engine: Any, path: Path) -> None:
-    """Resume on another number of ranks: ``full_state.pt`` back into a freshly built
-    engine (each rank keeps its own partition of it). Call on every rank."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    from .engine import gathered
-
-    saved = torch.load(Path(path) / FULL_STATE, weights_only=True)
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    create_adam_state(engine)
-    if sorted(n for n, _ in trainable) != sorted(saved["params"]):
-        raise CheckpointError(f"{path}/{FULL_STATE} holds other trainable parameters than this run builds")
-    for name, p in trainable:
-        device = p.ds_tensor.device if hasattr(p, "ds_tensor") else p.device
-        full = saved["params"][name]
-        if hasattr(p, "_z3_optimizer"):
-            for key in (None, "exp_avg", "exp_avg_sq"):
-                set_own_partition(p, full["fp32" if key is None else key].to(device), key)
-        else:
-            safe_set_full_fp32_param(p, full["fp32"].to(device))
-            for key in ("exp_avg", "exp_avg_sq"):
-                safe_set_full_optimizer_state(p, full[key].to(device), key)
-    # The working copy the forward pass uses (its own tensor, next to the fp32 master).
-    with gathered([p for _, p in trainable], modifier_rank=0), torch.no_grad():
-        for name, p in trainable:
-            p.data.copy_(saved["params"][name]["fp32"].to(p.device, p.dtype))
-    for st in inner.state.values():
-        if "step" in st:
-            st["step"] = (torch.full_like(st["step"], saved["optimizer_step"]) if torch.is_tensor(st["step"])
-                          else type(st["step"])(saved["optimizer_step"]))
-    for group, lr in zip(inner.param_groups, saved["lrs"], strict=True):
-        group["lr"] = lr
-    if saved["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    engine.global_steps, engine.global_samples = saved["global_steps"], saved["global_samples"]
-
-
-def load_engine_state(engine: Any, path: Path) -> None:
-    """LoRA weights, optimizer and scheduler state back into a freshly built engine."""
-    load_path, _ = engine.load_checkpoint(str(path), tag="ds", load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {path}/ds")
-
-
 def restore_engine(engine: Any, batches: Any, path: Path, state: RunState, info: Any, seed: int) -> None:
     """Weights, optimizer, scheduler, RNG and data position from checkpoint ``path`` (whose
-    state is ``state``) into ``engine`` and ``batches`` (a ``data.MicroBatches``). On the
-    checkpoint's number of ranks: DeepSpeed's own per-rank shards, exactly. On another: its
-    rank-independent full_state.pt, each rank's RNG seeded afresh, and the data position
-    mapped to the same place in the same epoch order."""
+    state is ``state``) into ``engine`` and ``batches`` (a ``data.MicroBatches``), on any
+    number of ranks from the rank-independent training state (``training_state``: each rank
+    reads its own slices; exact, fp32 copied bit for bit). On the checkpoint's number of
+    ranks the RNG and data position are restored as saved; on another, each rank's RNG is
+    seeded afresh and the data position mapped to the same place in the same epoch order."""
+    training_state.load_training_state(engine, path)
     if state.world_size == info.world_size:
-        load_engine_state(engine, path)
         batches.stream.position = state.stream_position
     else:
-        load_full_state(engine, path)
         old_group = state.config["train"]["micro_batch_size"] * state.world_size
         batches.stream.position = map_stream_position(state.stream_position, len(batches.stream.items),
                                                       old_group, batches.stream.group)

@@ -1,5 +1,7 @@
 """The one reader of a safetensors file's header: the 8-byte little-endian length, the JSON
 header it announces, and the checks of the tensors' byte ranges against the file; no tensor is read.
+And its one writer, for files written tensor by tensor (:func:`encode_header`): a checkpoint's
+training state is streamed to disk one parameter at a time, never held whole.
 
 A problem is raised as :class:`HeaderProblem`, whose ``kind`` and numbers let each caller word
 its own error (``model.check_weight_files`` before training, the export's checks of the adapter,
@@ -111,3 +113,20 @@ def check_tensors(header: Header) -> None:
         end_max = max(end_max, end)
     if end_max != header.data_bytes:
         raise header.problem("trailing", end=end_max)
+
+
+def encode_header(tensors: list[tuple[str, str, list[int]]], metadata: Optional[dict[str, str]] = None
+                  ) -> tuple[bytes, int]:
+    """The length prefix and JSON header of a safetensors file whose tensors ``(name, dtype,
+    shape)`` follow it back to back in this order, and the bytes of data they take. The header
+    is padded with spaces to a multiple of 8 bytes, as safetensors' own writer does, so every
+    tensor's data stays aligned when the file is memory-mapped."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, dtype, shape in tensors:
+        end = offset + math.prod(shape) * DTYPE_BYTES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(PREFIX_BYTES, "little") + text, offset

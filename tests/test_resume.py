@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
 from loradrop_ds import run_checkpoint as ckpt
+from loradrop_ds import training_state
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -70,7 +71,7 @@ def test_killed_mid_main_resumes_exactly_skipping_a_truncated_checkpoint(tiny_mo
     def truncate_newest(run_dir):
         newest = run_dir / "checkpoints" / "main-step0000004"
         assert newest.is_dir() and (run_dir / "checkpoints" / "main-step0000002").is_dir()
-        victim = next(p for p in sorted((newest / "ds").rglob("*")) if p.is_file() and p.stat().st_size > 100)
+        victim = newest / training_state.TENSORS
         with open(victim, "r+b") as f:
             f.truncate(victim.stat().st_size // 2)
 
@@ -98,13 +99,14 @@ def test_checkpoint_without_marker_is_skipped_and_pruning_keeps_the_newest(refer
 
 def test_checkpoint_holds_no_frozen_base_weights(reference_run, tiny_model):
     newest = reference_run / "checkpoints" / "main-step0000006"
-    ds_bytes = sum(p.stat().st_size for p in (newest / "ds").rglob("*") if p.is_file())
+    checkpoint_bytes = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
     base_bytes = (tiny_model / "model.safetensors").stat().st_size
     adapter_bytes = (newest / "adapter" / "adapter_model.safetensors").stat().st_size
-    # LoRA weights + fp32 master copy + two Adam moments, plus DeepSpeed's bookkeeping;
-    # the frozen base model alone would be more than this.
-    assert ds_bytes < 0.5 * base_bytes, (ds_bytes, base_bytes)
-    assert ds_bytes < 12 * adapter_bytes, (ds_bytes, adapter_bytes)
+    state_bytes = (newest / training_state.TENSORS).stat().st_size
+    # LoRA weights, their fp32 master copy and two Adam moments, plus bookkeeping; the
+    # frozen base model alone would be more than this.
+    assert checkpoint_bytes < 0.5 * base_bytes, (checkpoint_bytes, base_bytes)
+    assert state_bytes < 12 * adapter_bytes, (state_bytes, adapter_bytes)
 
 
 def test_resume_refuses_a_finished_run_other_settings_and_never(tiny_model, reference_run, tmp_path):
@@ -204,17 +206,27 @@ def test_manifest_lists_every_ranks_files(reference_run):
         assert files == on_disk, path
         for rank in (0, 1):
             assert f"rng/rank{rank}.pt" in files
-            assert any(f"zero_pp_rank_{rank}_" in f and f.endswith("optim_states.pt") for f in files), files
+        # The optimizer state once, rank-independent; no DeepSpeed per-rank copy of it.
+        assert training_state.TENSORS in files and training_state.SCALARS in files
+        assert not any(f.startswith("ds/") or f == ckpt.FULL_STATE for f in files), files
 
 
-def test_hierarchical_partitioning_trains_the_same(tiny_model, tmp_path, reference_run):
-    """ZeRO++ hpZ (a secondary copy of the frozen base inside each node, as the multi-node
-    recipe uses) gives the same run: here with both ranks in one hpZ group."""
+def test_hierarchical_partitioning_trains_and_resumes_the_same(tiny_model, tmp_path, reference_run):
+    """ZeRO++ hpZ (a secondary copy of the parameters inside each node, as the multi-node
+    recipe uses) gives the same run, killed in the main stage and resumed: here with both
+    ranks in one hpZ group. The resume writes the parameters' partitions afresh, so the
+    secondary copies made when the engine was built must be dropped, as DeepSpeed's own
+    load does (``deepspeed_private.restore_working_copy``), or the forward gathers the
+    initial LoRA weights from them."""
     config = json.loads((REPO / "ds_configs" / "zero3_tiny.json").read_text())
     config["zero_optimization"]["zero_hpz_partition_size"] = 2
     (tmp_path / "hpz.json").write_text(json.dumps(config))
     out = tmp_path / "run"
-    run_ranks(TRAIN, args(tiny_model, out, f"deepspeed={tmp_path / 'hpz.json'}"))
+    hpz = f"deepspeed={tmp_path / 'hpz.json'}"
+    proc = run_ranks(TRAIN, args(tiny_model, out, hpz), check=False, extra_env={"LORADROP_TEST_SIGKILL_AT": "main:5"})
+    assert proc.returncode != 0, "the run was meant to be killed"
+    log = (lambda p: p.stdout + p.stderr)(run_ranks(TRAIN, args(tiny_model, out, hpz)))
+    assert "resuming from" in log and "main-step0000004" in log
     assert_same_run(out, reference_run)
 
 

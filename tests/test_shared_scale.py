@@ -188,6 +188,7 @@ def test_two_rank_run_with_vector_gains_exports_to_its_logits(tiny_model, tmp_pa
     from transformers import AutoModelForCausalLM
 
     from loradrop_ds import run_checkpoint as ckpt
+    from loradrop_ds import training_state
     from loradrop_ds.export import export, load_compact
 
     out = gain_runs["vector"]
@@ -240,17 +241,17 @@ def test_two_rank_run_with_vector_gains_exports_to_its_logits(tiny_model, tmp_pa
 
     # The rank-independent checkpoint state (resume on another world size) holds every gain.
     newest = ckpt.list_checkpoints(out, warn=False)[0][0]
-    full = torch.load(newest / ckpt.FULL_STATE, weights_only=True)["params"]
-    in_full = sorted(n for n in full if n.endswith("loradrop_gain"))
+    full = load_file(newest / training_state.TENSORS)  # flattened: "fp32/<name>", "exp_avg/<name>", ...
+    in_full = sorted(k.removeprefix("fp32/") for k in full if k.startswith("fp32/") and k.endswith("loradrop_gain"))
     assert len(in_full) == len(shared) * len(modules)
     for name in in_full:
         layer, m = int(name.split(".layers.")[1].split(".")[0]), name.split(".lora_A.")[0].rsplit(".", 1)[-1]
-        torch.testing.assert_close(full[name]["fp32"], gains[f"gain.{layer}.{m}"], rtol=0, atol=0)
+        torch.testing.assert_close(full[f"fp32/{name}"], gains[f"gain.{layer}.{m}"].flatten(), rtol=0, atol=0)
 
 
 def test_killed_run_with_gains_resumes_on_another_number_of_ranks(tiny_model, tmp_path):
     """The gains are trainable parameters like A and B: a 2-rank run killed in the main stage
-    resumes on 1 rank from its rank-independent ``full_state.pt`` (gains included) and ends
+    resumes on 1 rank from its rank-independent training state (gains included) and ends
     as the uninterrupted 1-rank run (same global batch), gains and all."""
     from test_resume import assert_same_run
 
