@@ -25,8 +25,8 @@ and 4 ranks, default on 1 and 2. The global batch is the same on every number of
 every checkpoint with its size.
 
 ``rss``: the default recipe's runs on 2 and 1 ranks (resident) resumed 2 -> 1, 1 -> 2 and
-2 -> 4 ranks from their last main-stage checkpoint; also with a LoRA 64 times as large (r = 64
-on all seven projections: 19.5 M trainable elements, 234 MB of fp32 master + moments), where
+2 -> 4 ranks from their last main-stage checkpoint; also plain LoRA with r = 64 on all seven
+projections (every layer: 19.5 M trainable elements, 234 MB of fp32 master and moments), where
 the difference shows above the noise. Each resume runs in processes of its own
 (``_resume_worker``): ``run_checkpoint.restore_engine`` is wrapped to record each rank's RSS
 before it (``VmRSS``), the high-water mark reset there (``/proc/self/clear_refs``), and the
@@ -35,8 +35,8 @@ engine.
 
 ``older``: a checkpoint written by the code before (``full_state.pt`` + ``ds/``, tiny model,
 2 ranks, step 2 of 4) resumed by this checkout's code on 2 ranks and on 1 (``resume=PATH``):
-its final adapter against the uninterrupted run's (the same number of ranks: exactly; 1 rank:
-to rounding, 1e-5).
+its final adapter against the uninterrupted run's (the same number of ranks: 1e-6, and whether
+bit for bit; 1 rank: 1e-5, gradients reduced in another order).
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 RESULTS = REPO / "bench" / "results" / "checkpoint_bytes.json"
 CONFIGS = {"resident": "ds_configs/zero3.json", "partitioned": "ds_configs/zero3_tiny.json"}
-LARGE_LORA = ["lora.r=64", "lora.alpha=128",
+# Plain LoRA (every layer kept), so that the main stage's checkpoint holds all of it.
+LARGE_LORA = ["lora.r=64", "lora.alpha=128", "loradrop.enabled=false",
               "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"]
+RSS_VARIANTS = {"r8": [], "r64-all7-plain": LARGE_LORA}
 
 
 def free_port() -> int:
@@ -137,7 +139,7 @@ def cmd_bytes(args: argparse.Namespace) -> None:
 def cmd_rss(args: argparse.Namespace) -> None:
     repo, work = Path(args.repo).resolve(), Path(args.work)
     tiny = tiny_model(work)
-    for lora, extra in (("r8", []), ("r64-all7", LARGE_LORA)):
+    for lora, extra in ((name, RSS_VARIANTS[name]) for name in args.variants):
         sources = {}
         for ranks in (2, 1):
             if lora == "r8":
@@ -215,7 +217,7 @@ def cmd_older(args: argparse.Namespace) -> None:
                  run_args("tiny", tiny, source, "partitioned", 2, ["lora.dropout=0.0"]), 2, source.parent / "before.log")
     reference = load_file(source / "adapter" / "adapter_model.safetensors")
     results = {}
-    for ranks, rtol in ((2, 0.0), (1, 1e-5)):
+    for ranks, rtol in ((2, 1e-6), (1, 1e-5)):
         run = work / "older" / f"resumed-{ranks}"
         shutil.rmtree(run, ignore_errors=True)
         copy_unfinished(source, run)
@@ -227,12 +229,17 @@ def cmd_older(args: argparse.Namespace) -> None:
                  run_args("tiny", tiny, run, "partitioned", ranks, ["lora.dropout=0.0", f"resume={checkpoint}"]), ranks,
                  run.parent / f"resumed-{ranks}.log")
         got = load_file(run / "adapter" / "adapter_model.safetensors")
-        worst = max(float(((got[k] - v).abs() / v.abs().clamp_min(1e-6)).max()) for k, v in reference.items())
+        # As the tests' torch.testing.assert_close(rtol, atol=1e-6): |a - b| <= 1e-6 + rtol |b|.
+        worst = max(float(((got[k] - v).abs() - 1e-6).clamp_min(0).div(v.abs().clamp_min(1e-30)).max())
+                    for k, v in reference.items())
         exact = all(torch.equal(got[k], v) for k, v in reference.items())
-        results[f"2->{ranks}"] = {"bit_exact": exact, "max_relative_difference": worst}
-        assert got.keys() == reference.keys() and (exact if rtol == 0 else worst < rtol), results
+        results[f"2->{ranks}"] = {"bit_exact": exact, "worst_relative_beyond_atol_1e-6": worst, "rtol": rtol,
+                                  "max_abs_difference": max(float((got[k] - v).abs().max()) for k, v in reference.items()),
+                                  "within": got.keys() == reference.keys() and worst <= rtol}
         print(f"  older checkpoint resumed on {ranks} ranks: {results[f'2->{ranks}']}")
     save_results("after", "older_checkpoint_resumes", results, Path(args.out))
+    if not all(r["within"] for r in results.values()):
+        raise SystemExit(f"an older checkpoint did not resume to the uninterrupted run: {results}")
 
 
 def mb(n: float) -> str:
@@ -243,36 +250,50 @@ def group(rel: str) -> str:
     """Files named per rank as one row."""
     import re
 
-    return re.sub(r"rank_?\d+", "rank<R>", rel)
+    return re.sub(r"zero_pp_rank_\d+_", "zero_pp_rank_<R>_", re.sub(r"rank\d+\.", "rank<R>.", rel))
+
+
+def stage_files(checkpoints: dict, stage: str) -> dict:
+    """The stage's last checkpoint's files."""
+    names = [n for n in checkpoints if n.startswith(stage)]
+    return checkpoints[max(names)] if names else {}
 
 
 def cmd_table(args: argparse.Namespace) -> None:
+    """Markdown tables: totals per model, placement, stage and ranks; files of the main stage."""
     results = json.loads(Path(args.out).read_text())
-    for label in ("before", "after"):
-        if "bytes" not in results.get(label, {}):
-            continue
-        print(f"\n### {label}\n")
-        print("| model / LoRA | stage | ranks | total MB | per-rank files (each) | largest files |")
-        print("|---|---|---|---|---|---|")
-        for key, checkpoints in sorted(results[label]["bytes"].items()):
-            model, config, ranks = key.split("/")
-            for stage in ("sampling", "main"):
-                names = [n for n in checkpoints if n.startswith(stage)]
-                if not names:
-                    continue
-                files = checkpoints[max(names)]
-                per_rank = {}
-                for rel, size in files.items():
-                    if group(rel) != rel:
-                        per_rank.setdefault(group(rel), []).append(size)
-                largest = sorted(((s, r) for r, s in files.items() if group(r) == r), reverse=True)[:3]
-                print(f"| {model} {config} | {stage} | {ranks} | {mb(sum(files.values()))} | "
-                      + ", ".join(f"`{g}` {mb(max(s))}" for g, s in sorted(per_rank.items())) + " | "
-                      + ", ".join(f"`{r}` {mb(s)}" for s, r in largest) + " |")
+    runs = sorted({k for label in ("before", "after") for k in results.get(label, {}).get("bytes", {})})
+    keys = sorted({k.rsplit("/", 1)[0] for k in runs})
+    print("| model, LoRA placement | stage | before: MB at 1 / 2 / 4 ranks | after: MB at 1 / 2 / 4 ranks |")
+    print("|---|---|---|---|")
+    for key in keys:
+        for stage in ("sampling", "main"):
+            cells = []
+            for label in ("before", "after"):
+                got = results.get(label, {}).get("bytes", {})
+                cells.append(" / ".join(mb(sum(stage_files(got[f"{key}/{r}"], stage).values()))
+                                        if stage_files(got.get(f"{key}/{r}", {}), stage) else "-" for r in (1, 2, 4)))
+            if cells != ["- / - / -"] * 2:
+                print(f"| {key.replace('/', ', ')} | {stage} | {cells[0]} | {cells[1]} |")
+    for key in keys:
+        cols = [(label, r) for label in ("before", "after") for r in (1, 2, 4)
+                if f"{key}/{r}" in results.get(label, {}).get("bytes", {})]
+        files = {(label, r): stage_files(results[label]["bytes"][f"{key}/{r}"], "main") for label, r in cols}
+        rows = sorted({group(rel) for f in files.values() for rel in f})
+        print(f"\n{key.replace('/', ', ')}, main stage, MB per file (per-rank files: each, x ranks)\n")
+        print("| file | " + " | ".join(f"{label} {r}" for label, r in cols) + " |")
+        print("|---|" + "---|" * len(cols))
+        for row in rows:
+            cells = []
+            for col in cols:
+                sizes = [size for rel, size in files[col].items() if group(rel) == row]
+                cells.append("" if not sizes else mb(max(sizes)) + (f" x {len(sizes)}" if group(row) != row or
+                                                                     "<R>" in row else ""))
+            print(f"| `{row}` | " + " | ".join(cells) + " |")
     for label in ("before", "after"):
         if "rss" not in results.get(label, {}):
             continue
-        print(f"\n### resume RSS, {label} (MB, per rank: RSS before the restore, peak increase during it)\n")
+        print(f"\nresume, {label}: MB per rank, RSS before the restore + peak increase during it (seconds)\n")
         for key, ranks in sorted(results[label]["rss"].items()):
             print(f"- {key}: " + "; ".join(f"rank {r['rank']}: {mb(r['rss_before'])} + {mb(r['peak_increase'])} "
                                           f"({r['seconds']:.1f} s)" for r in ranks))
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label", default="after")
     parser.add_argument("--work", default="/tmp/checkpoint_bytes_bench")
     parser.add_argument("--only", nargs="*", help="bytes: only these models (tiny, default)")
+    parser.add_argument("--variants", nargs="*", default=list(RSS_VARIANTS), help="rss: the LoRA sizes")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)

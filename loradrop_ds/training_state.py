@@ -32,13 +32,16 @@ NFS does not promise.
 
 Reading (:func:`load_training_state`, every rank): a ZeRO-3 partition is one contiguous
 range of the flattened parameter (``deepspeed_private.own_partition``), so each rank reads
-only its own ranges from the memory-mapped file (``safe_open(...).get_slice(key)[a:b]``):
-host RAM on resume is about this rank's partition, not the whole state on every rank.
+only its own byte ranges of the file, straight into its partitions (the header gives each
+tensor's offset): host RAM on resume is this rank's partitions, not the whole state on every
+rank. Plain reads, not a memory map: mapped pages would count in the rank's RSS until the file
+is closed (measured: docs/CHECKPOINTS.md), read ones stay in the page cache only.
 
 Older checkpoints hold ``full_state.pt`` (the same tensors, nested per parameter, in one
-``torch.save`` file) beside ``ds/``: they resume through the same code, each rank loading the
-whole file as before. Checkpoints with neither (from before resume on another number of
-ranks existed) are refused (:func:`unreadable_reason`).
+``torch.save`` file) beside ``ds/``: they resume through the same code, the file memory-mapped
+(``torch.load(..., mmap=True)``) so that each rank touches its own slices' pages only.
+Checkpoints with neither (from before resume on another number of ranks existed) are refused
+(:func:`unreadable_reason`).
 """
 
 from __future__ import annotations
@@ -179,10 +182,44 @@ def write_training_state(engine: Any, directory: Path, is_main: bool) -> Written
 @dataclass
 class _Source:
     """A checkpoint's training state as read: its scalars (in this format's layout) and
-    ``read(name, kind, start, end)``, elements ``[start, end)`` of a flattened full tensor."""
+    ``read_into(name, kind, start, out)``, which fills ``out`` with elements ``[start, start +
+    out.numel())`` of a flattened full tensor."""
 
     scalars: dict
-    read: Callable[[str, str, int, int], torch.Tensor]
+    read_into: Callable[[str, str, int, torch.Tensor], None]
+
+
+def _slice_reader(path: Path) -> tuple[Callable[[str, str, int, torch.Tensor], None], Callable[[], None]]:
+    """``read_into`` for :data:`TENSORS`: each slice read from its byte range in the file
+    straight into the destination when that is a CPU tensor (into one slice-sized buffer and
+    copied when it is on a GPU). Plain reads rather than a memory map: the pages read stay in
+    the page cache, not in this process's RSS, so the restore's host RAM is the partitions'
+    own."""
+    from .safetensors_header import PREFIX_BYTES, read_header
+
+    header = read_header(path)
+    data_start = PREFIX_BYTES + header.length
+    f = open(path, "rb", buffering=0)
+
+    def read_into(name: str, kind: str, start: int, out: torch.Tensor) -> None:
+        key = f"{kind}/{name}"
+        entry = header.tensors.get(key)
+        if entry is None or entry.get("dtype") != "F32" or start + out.numel() > math.prod(entry["shape"]):
+            from .run_checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path}: no F32 tensor {key} of at least {start + out.numel()} elements")
+        target = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty(out.numel())
+        view = memoryview(target.numpy()).cast("B")
+        f.seek(data_start + entry["data_offsets"][0] + 4 * start)
+        got = f.readinto(view)
+        if got != len(view):
+            from .run_checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path}: {key} ends early ({got} of {len(view)} bytes read)")
+        if target is not out:
+            out.copy_(target)
+
+    return read_into, f.close
 
 
 def checkpoint_format(path: Path) -> Optional[str]:
@@ -215,21 +252,22 @@ def open_training_state(path: Path) -> Iterator[_Source]:
 
         raise CheckpointError(unreadable_reason(path))
     if found == "current":
-        from safetensors import safe_open
-
-        scalars = json.loads((path / SCALARS).read_text())
-        # Memory-mapped: a slice reads only its own bytes (safetensors' get_slice).
-        with safe_open(str(path / TENSORS), framework="pt", device="cpu") as f:
-            yield _Source(scalars, lambda name, kind, start, end: f.get_slice(f"{kind}/{name}")[start:end])
+        read_into, close = _slice_reader(path / TENSORS)
+        try:
+            yield _Source(json.loads((path / SCALARS).read_text()), read_into)
+        finally:
+            close()
         return
-    # The older format: one torch.save file, loaded whole on every rank.
-    saved = torch.load(path / LEGACY_FULL_STATE, weights_only=True)
+    # The older format: one torch.save file. Memory-mapped (torch.load's mmap, for the zip format
+    # torch.save writes), so a rank's slices bring in only their own pages; each is copied out.
+    saved = torch.load(path / LEGACY_FULL_STATE, weights_only=True, mmap=True)
     scalars = {"format": 0, "kinds": list(KINDS),
                "shapes": {n: list(t["fp32"].shape) for n, t in saved["params"].items()},
                "optimizer_step": saved["optimizer_step"], "param_groups": [{"lr": lr} for lr in saved["lrs"]],
                "lr_scheduler": saved["lr_scheduler"], "global_steps": saved["global_steps"],
                "global_samples": saved["global_samples"]}
-    yield _Source(scalars, lambda name, kind, start, end: saved["params"][name][kind].flatten()[start:end])
+    yield _Source(scalars, lambda name, kind, start, out: out.copy_(
+        saved["params"][name][kind].flatten()[start:start + out.numel()]))
 
 
 def load_training_state(engine: Any, path: Path) -> None:
@@ -240,6 +278,12 @@ def load_training_state(engine: Any, path: Path) -> None:
     from .deepspeed_private import create_adam_state, own_partition, restore_working_copy
     from .run_checkpoint import CheckpointError
 
+    if getattr(engine.optimizer, "swap_optimizer", False):
+        # stage3.py keeps NVMe-offloaded optimizer state in swap buffers that writes into a
+        # partition would have to be swapped out after; not written nor tested here.
+        raise CheckpointError(f"resuming from {path} with zero_optimization.offload_optimizer.device=nvme is not "
+                              "supported: the optimizer state is restored into partitions held in memory only "
+                              "(offload_optimizer to cpu, or none)")
     trainable = _trainable(engine)
     with open_training_state(path) as source:
         scalars = source.scalars
@@ -257,7 +301,7 @@ def load_training_state(engine: Any, path: Path) -> None:
                 with torch.no_grad():
                     partition.zero_()  # the padding past the parameter's end (the last ranks)
                     if end > start:
-                        partition[: end - start].copy_(source.read(name, kind, start, end))
+                        source.read_into(name, kind, start, partition[: end - start])
     restore_working_copy(engine)
     _restore_scalars(engine, scalars, path)
 

@@ -172,6 +172,25 @@ def test_the_refusal_of_a_finished_run_says_how_it_differs(tiny_model, reference
         ckpt.find_resume_checkpoint(str(state.parent), runs["garbled"])
 
 
+def test_a_checkpoint_with_only_deepspeeds_files_is_refused_in_one_line(reference_run, tmp_path):
+    """A checkpoint from before the rank-independent state existed holds its optimizer state
+    only in DeepSpeed's ds/ files, which are no longer read: refused, saying what to do, on the
+    same number of ranks as on another."""
+    run = tmp_path / "copy"
+    shutil.copytree(reference_run, run)
+    path = run / "checkpoints" / "main-step0000006"
+    for name in (training_state.TENSORS, training_state.SCALARS):
+        (path / name).unlink()
+    (path / "ds").mkdir()
+    state = ckpt.read_state(path)
+    for ranks in (state.world_size, 1):
+        with pytest.raises(ckpt.CheckpointError) as refused:
+            ckpt.check_compatible(state, state.config, ranks, state.base_model, path)
+        message = str(refused.value)
+        assert "\n" not in message and f"{path} holds neither {training_state.TENSORS} nor" in message, message
+        assert "the version that wrote it" in message and "overwrite=true" in message
+
+
 @pytest.mark.parametrize("point", ["before-marker", "before-rename"])
 def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model, tmp_path, reference_run, point):
     """Killed inside the write of main-step0000004: before its manifest is written, or
