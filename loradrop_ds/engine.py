@@ -103,8 +103,12 @@ def memory_efficient_linear_auto(gradient_checkpointing: bool, world_size: int, 
       gathers into accelerator copies, which would be held.
 
     There torch's linear is used: it saves the Python autograd Function per linear call
-    (every base and LoRA matmul) and the gather in backward. Numerically the two are the
-    same (``tests/test_tied_lora_zero3.py``)."""
+    (every base and LoRA matmul) and the gather in backward, and activation memory:
+    DeepSpeed's Function saves every linear's input, frozen base ones included
+    (``ctx.save_for_backward(input, weight, bias)``), where torch's saves the input only
+    when the weight needs a gradient (checked in torch 2.13 with saved-tensor hooks: a
+    frozen weight's linear saves just ``weight.t()``). Numerically the two are the same
+    (``tests/test_tied_lora_zero3.py``)."""
     return not (gradient_checkpointing or (world_size == 1 and not offloaded))
 
 

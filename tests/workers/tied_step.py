@@ -5,7 +5,10 @@ torchrun --nproc_per_node 2 tests/workers/tied_step.py MODEL_DIR OUT_DIR [MODE .
 Each MODE loads the model afresh, builds the tied LoRA and an engine, trains one step and
 releases the engine, in the order given, in these rank processes. Rank 0 writes, into
 OUT_DIR/MODE/, the losses, full gradients (before the step) and parameters (after it).
-MODE (default: ``default``):
+Every mode reduces gradients in a bucket of 1 element: each is reduced as soon as the next
+one arrives, so a reduction that comes between two uses of the shared LoRA shows (the
+"auto" bucket of a real model, hidden^2, is reduced several times in one backward). MODE
+(default: ``default``):
 
 * ``default``: the ds_config as ``load_ds_config`` resolves it (``zero3_tiny.json``:
   ``memory_efficient_linear`` "auto", so on 2 ranks without recomputation DeepSpeed's
@@ -42,7 +45,7 @@ MODES = ("default", "mel-off", "leaf")
 def ds_config_of(mode: str, cfg, world_size: int) -> dict:
     ds_config = ds_config_for(cfg, world_size)
     zero = ds_config["zero_optimization"]
-    zero["reduce_bucket_size"] = 1
+    zero["reduce_bucket_size"] = 1  # see the module docstring
     if mode == "mel-off":
         zero["memory_efficient_linear"] = False
     elif mode == "leaf":
