@@ -50,7 +50,7 @@ from loradrop_ds.atomic import atomic_write_text
 from loradrop_ds.cli import load_recipe
 from loradrop_ds.deepspeed_private import release_engine
 from loradrop_ds.distributed import RankFailure, run_on_every_rank
-from loradrop_ds.engine import create_engine, lr_lambda
+from loradrop_ds.engine import create_engine, lr_lambda, set_matmul_precision
 from loradrop_ds.errors import USER_ERRORS
 from loradrop_ds.importance import (
     Selection,
@@ -101,6 +101,7 @@ def setup(argv: Optional[list[str]]) -> Run:
     cfg, shipped = load_recipe(args.config, args.overrides)  # ds_configs/, data/ shipped when not in the cwd
     info = distributed.init_distributed(cfg.dist.timeout_minutes)
     setup_logging(info.is_main)
+    set_matmul_precision(cfg.train.tf32, info.device.type)  # before any model is built
     if info.is_main:
         if shipped:
             log.info("shipped files: %s", "; ".join(shipped))
