@@ -4,7 +4,7 @@ against the memory of a machine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..prune_zero3 import CHUNK_ELEMENTS
@@ -18,7 +18,14 @@ from .calibration import (
 )
 from .run_spec import RunSpec
 from .units import DTYPE_BYTES
-from .zero3_rules import gathered_numel, hpz_secondary_bytes, is_persistent, partition_numel, zero3_param_bytes
+from .zero3_rules import (
+    gathered_numel,
+    gathers_alias_partitions,
+    hpz_secondary_bytes,
+    is_persistent,
+    partition_numel,
+    zero3_param_bytes,
+)
 
 
 def lora_matrix_numels(spec: RunSpec, stage: str) -> tuple[list[int], list[int]]:
@@ -72,6 +79,8 @@ class StageEstimate:
     activations_ckpt_off: int
     host_rows: dict[str, int]  # per node (the node of global rank 0, which reads the checkpoint)
     host_reclaimable: int  # page cache while rank 0 maps the checkpoint: shown, not required
+    # the activations with LoRA computing in the other dtype (other_compute_dtype); None if there is none
+    activations_other_compute: Optional[int] = None
 
     @property
     def device_total(self) -> int:
@@ -80,6 +89,14 @@ class StageEstimate:
     @property
     def host_total(self) -> int:
         return sum(self.host_rows.values())
+
+
+def other_compute_dtype(spec: RunSpec) -> Optional[str]:
+    """The lora.compute_dtype a bf16 run could switch to (the table shows its activations too);
+    None on an fp32 base, where LoRA computes in fp32 only."""
+    if spec.dtype != "bfloat16":
+        return None
+    return "float32" if spec.compute_dtype == "bfloat16" else "bfloat16"
 
 
 def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
@@ -98,7 +115,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     # LoRA: persistent matrices whole on every rank, plus every matrix's partition (the
     # trainable ones in the flat ``lp_param_buffer``, stage3.py
     # ``_create_fp16_partitions_with_defragmentation``).
-    lora_resident = sum(n * lb for n in all_lora if is_persistent(n, zero))
+    lora_resident = (0 if gathers_alias_partitions(world, zero) else
+                     sum(n * lb for n in all_lora if is_persistent(n, zero)))
     lora_partitions = sum(partition_numel(n, world) * lb for n in all_lora)
     base_partitions = sum(partition_numel(n, world) * a for n in model.param_numels)
     # Gradients: the flat partition buffer in the grad-accumulation dtype (stage3.py
@@ -120,6 +138,9 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     on = activation_estimate(spec, checkpointing=True).peak
     off = activation_estimate(spec, checkpointing=False).peak
     activations = on if spec.gradient_checkpointing else off
+    other_compute = other_compute_dtype(spec)
+    activations_other_compute = (activation_estimate(replace(spec, lora_compute_dtype=other_compute)).peak
+                                 if other_compute else None)
 
     device_rows = {"frozen base shard": base, "hpZ secondary shard": secondary, "gathered working set": gathered,
                    "LoRA parameters": lora_resident + lora_partitions, "LoRA gradients + reduce bucket": grads,
@@ -161,7 +182,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     checkpoint = model.total_params * DTYPE_BYTES.get(model.checkpoint_dtype or spec.dtype, a)
     return StageEstimate(stage=stage, lora_params=sum(all_lora), trainable_params=sum(trainable),
                          device_rows=device_rows, activations_ckpt_on=on, activations_ckpt_off=off,
-                         host_rows=host_rows, host_reclaimable=checkpoint)
+                         host_rows=host_rows, host_reclaimable=checkpoint,
+                         activations_other_compute=activations_other_compute)
 
 
 def stages_of(spec: RunSpec) -> list[str]:
