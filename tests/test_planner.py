@@ -162,13 +162,17 @@ def test_optimizer_state_reuses_an_fp32_lora_partition_as_master():
 
 def test_parameter_offload_moves_partitions_to_host_ram():
     # world 2, threshold 10, bf16 base: partitions are embedding 40 + per layer (32+16+16+32+3*64 + norms 4+4)
-    # = 296, twice, + final norm 4 = 636 elements = 1272 bytes; fp32 LoRA partitions 2 * (8+8+8+4) = 56 -> 224
-    # bytes. The five persistent norms stay whole on the GPU (5 * 8 * 2 = 80 bytes); the fp32 master is
-    # cloned (3 x 4 bytes per LoRA element) because the partition no longer sits on the optimizer's device.
+    # = 296, twice, + final norm 4 = 636 elements; the five persistent norms keep their partitions (5 * 4)
+    # on the GPU with their whole copies (5 * 8): (20 + 40) * 2 = 120 bytes there, and 616 * 2 = 1232
+    # bytes on the host. fp32 LoRA partitions 2 * (8+8+8+4) = 56, of which v's B (8 elements, persistent)
+    # stays on the GPU: partitions 2 * 4 and whole 2 * 8 -> (8 + 16) * 4 = 96 bytes; 48 * 4 = 192 on the
+    # host. The fp32 master is cloned (3 x 4 bytes per LoRA element) because the partition no longer
+    # sits on the optimizer's device.
     spec = tiny_spec(zero=planner.ZeroSettings(param_persistence_threshold=10, offload_param="cpu"))
     rows = planner.stage_estimate(spec, "sampling")
-    assert rows.device_rows["frozen base shard"] == 80
-    assert rows.host_rows["offloaded state, 2 ranks"] == 2 * (1272 + 224)
+    assert rows.device_rows["frozen base shard"] == 120
+    assert rows.device_rows["LoRA parameters"] == 96
+    assert rows.host_rows["offloaded state, 2 ranks"] == 2 * (1232 + 192)
     assert rows.device_rows["AdamW state (fp32)"] == 56 * 4 * 3
 
 
@@ -184,6 +188,12 @@ def test_one_rank_gathers_nothing_and_holds_a_persistent_parameter_once():
     one_rank = tiny_spec(world_size=1, gpus_per_node=1)
     assert planner.gathered_numel(one_rank) == 0
     assert planner.gathered_numel(replace(one_rank, zero=replace(one_rank.zero, offload_param="cpu"))) == 1232
+    # With offload and every parameter persistent (the one-rank "auto" threshold), every partition
+    # stays on the device (ds_persist), once: nothing is offloaded and nothing gathered.
+    offload_all = replace(one_rank, zero=replace(zero, offload_param="cpu"))
+    rows = planner.stage_estimate(offload_all, "sampling")
+    assert rows.device_rows["frozen base shard"] == 2 * (1232 + 40) and rows.device_rows["gathered working set"] == 0
+    assert rows.host_rows["offloaded state, 1 ranks"] == 0
 
 
 def test_torch_linear_without_checkpointing_holds_every_gathered_weight():

@@ -92,6 +92,7 @@ from .zero3_rules import (
     gathers_alias_partitions,
     hpz_secondary_bytes,
     is_persistent,
+    offloaded_numel,
     partition_numel,
     zero3_param_bytes,
 )
@@ -104,8 +105,8 @@ __all__ = [
     # run_spec
     "RunSpec", "ZeroSettings", "resolve_memory_efficient_linear", "resolve_planned_attention", "spec_from_config",
     # zero3_rules
-    "gathered_numel", "gathers_alias_partitions", "hpz_secondary_bytes", "is_persistent", "partition_numel",
-    "zero3_param_bytes",
+    "gathered_numel", "gathers_alias_partitions", "hpz_secondary_bytes", "is_persistent", "offloaded_numel",
+    "partition_numel", "zero3_param_bytes",
     # activations
     "LINEAR_INPUTS", "Activations", "activation_estimate", "backward_workspace_bytes_per_token",
     "head_saved_bytes_per_token", "layer_activation_bytes_per_token", "layer_saved_tensors", "liger_loss_chunk_tokens",

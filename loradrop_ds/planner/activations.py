@@ -9,7 +9,7 @@ these figures with the storages autograd saves and with the allocator's peak."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from .run_spec import RunSpec
@@ -130,8 +130,6 @@ def layer_activation_bytes_per_token(spec: RunSpec, input_requires_grad: bool = 
 def lora_activation_bytes_per_token(spec: RunSpec) -> int:
     """The LoRA modules' share of a layer's saved bytes per token: the layer with LoRA less the
     layer without it (so a shared input counts for LoRA only where nothing else saves it)."""
-    from dataclasses import replace
-
     without = replace(spec, target_modules=())
     return layer_activation_bytes_per_token(spec) - layer_activation_bytes_per_token(without)
 

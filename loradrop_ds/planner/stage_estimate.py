@@ -20,9 +20,9 @@ from .run_spec import RunSpec
 from .units import DTYPE_BYTES
 from .zero3_rules import (
     gathered_numel,
-    gathers_alias_partitions,
     hpz_secondary_bytes,
     is_persistent,
+    offloaded_numel,
     partition_numel,
     zero3_param_bytes,
 )
@@ -115,10 +115,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     # LoRA: persistent matrices whole on every rank, plus every matrix's partition (the
     # trainable ones in the flat ``lp_param_buffer``, stage3.py
     # ``_create_fp16_partitions_with_defragmentation``).
-    lora_resident = (0 if gathers_alias_partitions(world, zero) else
-                     sum(n * lb for n in all_lora if is_persistent(n, zero)))
+    lora_resident = 0 if world == 1 else sum(n * lb for n in all_lora if is_persistent(n, zero))
     lora_partitions = sum(partition_numel(n, world) * lb for n in all_lora)
-    base_partitions = sum(partition_numel(n, world) * a for n in model.param_numels)
     # Gradients: the flat partition buffer in the grad-accumulation dtype (stage3.py
     # ``_setup_for_real_optimizer``: ``grad_partitions_flat_buffer``; the model dtype unless
     # data_types.grad_accum_dtype says otherwise, engine.get_data_types) and the reduce
@@ -154,10 +152,12 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
         # Partitions live in (pinned) host memory (partition_parameters.py ``_partition_param``:
         # ``device = self.remote_device``, except persistent parameters, which stay on the
         # device); the secondary hpZ partition too. Gathered copies still come to the GPU.
-        offloaded += base_partitions + secondary + lora_partitions
-        device_rows["frozen base shard"] = base - base_partitions
+        base_offloaded = offloaded_numel(model.param_numels, world, zero) * a
+        lora_offloaded = offloaded_numel(all_lora, world, zero) * lb
+        offloaded += base_offloaded + secondary + lora_offloaded
+        device_rows["frozen base shard"] = base - base_offloaded
         device_rows["hpZ secondary shard"] = 0
-        device_rows["LoRA parameters"] = lora_resident
+        device_rows["LoRA parameters"] = lora_resident + lora_partitions - lora_offloaded
     if zero.offload_optimizer:  # master, moments and grad partitions on the host; the bucket stays
         offloaded += optimizer + trainable_partitions * grad_b
         device_rows["AdamW state (fp32)"] = 0

@@ -26,7 +26,8 @@ def gathers_alias_partitions(world_size: int, zero: ZeroSettings) -> bool:
     """On one rank a "gathered" parameter is its partition: partition_parameters.py
     ``_no_gather_coalesced`` (taken when every parameter's partition world is 1) sets
     ``param.data = param.ds_tensor.data.to(device)``, which copies nothing when the partition
-    already is on the device, i.e. unless parameters are offloaded."""
+    already is on the device, i.e. unless parameters are offloaded (a persistent parameter's
+    partition stays on the device even then: ``offloaded_numel``)."""
     return world_size == 1 and zero.offload_param is None
 
 
@@ -34,10 +35,17 @@ def zero3_param_bytes(numels: list[int] | tuple[int, ...], bytes_per: int, world
     """Resident bytes of one rank for parameters under ZeRO-3: every parameter's ceil(n / world)
     partition (``ds_tensor``), and a persistent one also whole (it is gathered once and never
     released: partitioned_param_coordinator.py skips ``ds_persist`` parameters), except on one
-    rank, where the whole is the partition (``gathers_alias_partitions``)."""
-    whole_too = not gathers_alias_partitions(world_size, zero)
-    return sum((partition_numel(n, world_size) + (n if whole_too and is_persistent(n, zero) else 0)) * bytes_per
+    rank, where the whole is the partition itself (``gathers_alias_partitions``; with offload too,
+    as a persistent partition is on the device)."""
+    return sum((partition_numel(n, world_size) + (n if world_size > 1 and is_persistent(n, zero) else 0)) * bytes_per
                for n in numels)
+
+
+def offloaded_numel(numels: list[int] | tuple[int, ...], world_size: int, zero: ZeroSettings) -> int:
+    """With ``offload_param``: the partition elements that live in host memory, every partition but
+    a persistent parameter's (partition_parameters.py ``_partition_param``: ``if param.ds_persist:
+    device = self.local_device``, else the remote device)."""
+    return sum(partition_numel(n, world_size) for n in numels if not is_persistent(n, zero))
 
 
 def hpz_secondary_bytes(numels: list[int] | tuple[int, ...], bytes_per: int, world_size: int, zero: ZeroSettings) -> int:
