@@ -313,6 +313,8 @@ def test_backward_workspace_by_hand():
     # Recomputing down_proj's forward under checkpointing: the residual (16), down_proj's frozen
     # output (16), its fp32 cast input (64) and LoRA B's output (c*h = 32) on top: 128 > 64.
     assert planner.backward_workspace_bytes_per_token(replace(spec, gradient_checkpointing=True)) == 16 + 48 + 128
+    # ... as the estimate asked for checkpointing sees it, whatever the recipe says.
+    assert planner.activation_estimate(spec, checkpointing=True).workspace == (16 + 48 + 128) * spec.tokens_per_micro_batch
 
 
 def test_liger_fused_loss_keeps_no_logits():

@@ -263,6 +263,7 @@ def activation_estimate(spec: RunSpec, checkpointing: Optional[bool] = None) -> 
       logits (``liger_loss_chunk_tokens`` x V, model dtype) and the fp32 per-token loss alive.
     """
     ckpt = spec.gradient_checkpointing if checkpointing is None else checkpointing
+    spec = replace(spec, gradient_checkpointing=ckpt)  # the workspace depends on it too
     model, a, tokens = spec.model, DTYPE_BYTES[spec.dtype], spec.tokens_per_micro_batch
     h, vocab, layers = model.hidden_size, model.vocab_size, model.num_layers
     casts = lora_weight_cast_bytes_per_layer(spec)
