@@ -70,7 +70,6 @@ from .memory_check import check_memory, explain_misfit, host_memory_bytes, plan_
 from .run_spec import (
     RunSpec,
     ZeroSettings,
-    resolve_memory_efficient_linear,
     resolve_planned_attention,
     spec_from_config,
 )
@@ -103,7 +102,7 @@ __all__ = [
     # model_dims
     "KNOWN_MODEL_CONFIGS", "ModelDims", "dims_from_config", "read_model_config", "read_model_dims",
     # run_spec
-    "RunSpec", "ZeroSettings", "resolve_memory_efficient_linear", "resolve_planned_attention", "spec_from_config",
+    "RunSpec", "ZeroSettings", "resolve_planned_attention", "spec_from_config",
     # zero3_rules
     "gathered_numel", "gathers_alias_partitions", "hpz_secondary_bytes", "is_persistent", "offloaded_numel",
     "partition_numel", "zero3_param_bytes",

@@ -29,29 +29,8 @@ def _bool(zero: dict, key: str, default: bool) -> bool:
     value = zero.get(key, default)
     if not isinstance(value, bool):
         raise ConfigError(f"zero_optimization.{key}={value!r}: expected true or false (\"auto\" is resolved from the "
-                          "recipe and the world size first: resolve_memory_efficient_linear)")
+                          "recipe and the world size first: loradrop_ds.engine.load_ds_config)")
     return value
-
-
-def resolve_memory_efficient_linear(ds: dict, gradient_checkpointing: bool, world_size: int) -> dict:
-    """``zero_optimization.memory_efficient_linear: "auto"`` made concrete, in place: false with
-    activation checkpointing or on one rank, true otherwise; a bool in the JSON is kept.
-
-    Why that rule (DeepSpeed 0.19.8, runtime/zero/linear.py and partition_parameters.py
-    ``_enable_mem_efficient_linear``): when true, zero.Init replaces ``torch.nn.functional.linear``
-    (for the whole process) with ``LinearFunctionForZeroStage3``, which saves every Linear's input,
-    the frozen base's included (``ctx.save_for_backward(input, weight, bias)``); torch's own
-    linear saves only the weight of a frozen Linear. When false, that saved weight is a view of
-    the gathered ZeRO-3 buffer, so autograd keeps every gathered weight alive until its backward
-    (measured once on 2 CPU ranks: docs/PLANNER.md): harmless with checkpointing (the forward
-    saves nothing inside a layer) and on one rank (the gathered weight is the partition itself).
-
-    TODO(engine.py owns this): ``loradrop_ds.engine.load_ds_config`` resolves "auto" for a run;
-    this local copy exists until that resolution is merged, and is then to be replaced by it."""
-    zero = ds.get("zero_optimization")
-    if isinstance(zero, dict) and zero.get("memory_efficient_linear") == "auto":
-        zero["memory_efficient_linear"] = not gradient_checkpointing and world_size > 1
-    return ds
 
 
 def _offload_device(zero: dict, key: str) -> Optional[str]:
@@ -171,8 +150,8 @@ def spec_from_config(cfg: Config, dims: ModelDims, world_size: int, gpus_per_nod
         raise ConfigError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
     if not 0.0 <= kept_fraction <= 1.0:
         raise ConfigError(f"kept fraction must be in [0, 1], got {kept_fraction}")
-    ds_config = resolve_memory_efficient_linear(load_ds_config(cfg, world_size, SizeHints.for_model(dims, cfg.lora.r)),
-                                                cfg.model.gradient_checkpointing, world_size)
+    # load_ds_config also resolves memory_efficient_linear's "auto" (engine.memory_efficient_linear_auto).
+    ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(dims, cfg.lora.r))
     attn = attn_implementation or resolve_planned_attention(cfg.model.attn_implementation, device, cfg.model.dtype)
     prune_layers, prune_modules = 0, ()
     if cfg.prune.target_sparsity > 0:  # what loradrop_ds.prune_zero3.Pruner scores
