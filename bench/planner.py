@@ -114,7 +114,7 @@ def gpu_runs_vs_measured() -> list[dict]:
         plan = planner.plan_for_config(cfg, 1, 1, planner.parse_size("141GB"), None, device="cuda",
                                        attn_implementation=result.get("attention", "sdpa"), dims=dims)
         (stage,) = plan.stages
-        tensors = stage.device_total - stage.device_rows["allocator reserve"] - stage.device_rows["CUDA context + NCCL"]
+        tensors = stage.tensor_bytes
         measured = result[run]["peak_memory_gib"]
         records.append({"result": f"bench/results/{file}", "run": run, "device": result["device"],
                         "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.max_seq_len,
@@ -141,7 +141,7 @@ def main() -> int:
 
     anchor = planner.estimate(planner.peft_anchor_spec(), planner.parse_size("80GB"), None)
     (stage,) = anchor.stages
-    tensors = stage.device_total - stage.device_rows["allocator reserve"] - stage.device_rows["CUDA context + NCCL"]
+    tensors = stage.tensor_bytes
     anchor_record = {
         "source": "huggingface/peft docs/source/accelerate/deepspeed.md (run_peft_deepspeed.sh): 64 GB (80%) per GPU",
         "reference_bytes": planner.PEFT_ANCHOR_BYTES, **plan_figures(anchor),

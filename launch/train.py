@@ -156,7 +156,7 @@ def sampling_stage(run: Run) -> Sampling:
     recorder.remove()
     run.results["sampling"] = {"steps": sampling.steps, "final_loss": run.results.get("sampling_last_loss"),
                                "subset_size": len(run.inputs.sample), "seconds_this_process": stage.result().seconds,
-                               **stage.result().rates(run.peak_flops)}
+                               **run.stage_rates(stage)}
     if auto:
         run.results["sampling"]["settled"] = sampling.steps < max_steps
         if sampling.steps == max_steps:
@@ -265,7 +265,7 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
             run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
     result = stage.result()
     run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
-                           "seconds_this_process": result.seconds, **result.rates(run.peak_flops)}
+                           "seconds_this_process": result.seconds, **run.stage_rates(stage)}
     if run.pruner is not None:
         run.results["prune"] = run.pruner.summary()
         if info.is_main:

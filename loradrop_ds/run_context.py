@@ -56,6 +56,17 @@ class Run:
         """The MFU's denominator: train.peak_tflops, else the device's dense bf16 peak, else None."""
         return peak_flops_per_s(self.info.device, self.cfg.train.peak_tflops)
 
+    def stage_rates(self, stage: TrainingStage) -> dict:
+        """A stage's throughput and memory for summary.json (``StageResult.rates``) with the
+        planner's predicted tensor peak for that stage beside the measured one (GiB; the main
+        stage is planned with every layer kept, an upper bound for LoRA-drop's)."""
+        rates = stage.result().rates(self.peak_flops)
+        plan = self.inputs.memory_plan
+        planned = next((s for s in plan.stages if s.stage == stage.stage), None) if plan is not None else None
+        if planned is not None:
+            rates["planned_peak_gib"] = planned.tensor_bytes / 2**30
+        return rates
+
     def training_stage(self, engine: Any, batches: data_lib.MicroBatches, steps: int, stage: str, start_step: int,
                        recorder: Any = None) -> TrainingStage:
         """``stage``'s steps ``start_step + 1 .. steps``, logged every train.log_every with throughput and MFU."""

@@ -67,6 +67,9 @@ def prune_update_bytes(spec: RunSpec) -> int:
     return 3 * 4 * per_layer * spec.prune_layers + PRUNE_SCRATCH_BLOCKS * 4 * block
 
 
+ALLOCATOR_ROW, CUDA_RUNTIME_ROW = "allocator reserve", "CUDA context + NCCL"  # allowances, not tensors
+
+
 @dataclass(frozen=True)
 class StageEstimate:
     """Bytes of one stage: per GPU (or per rank on CPU) and per node of host RAM."""
@@ -85,6 +88,12 @@ class StageEstimate:
     @property
     def device_total(self) -> int:
         return sum(self.device_rows.values())
+
+    @property
+    def tensor_bytes(self) -> int:
+        """The tensors alone, without the allowances for the allocator and the CUDA runtime: what
+        ``torch.cuda.max_memory_allocated`` measures (the figure a run logs beside its own peak)."""
+        return self.device_total - self.device_rows.get(ALLOCATOR_ROW, 0) - self.device_rows.get(CUDA_RUNTIME_ROW, 0)
 
     @property
     def host_total(self) -> int:
@@ -166,8 +175,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
         offloaded = 0  # on NVMe, not in RAM (its staging buffers are not counted)
     if spec.device == "cuda":
         tensors = sum(device_rows.values())
-        device_rows["allocator reserve"] = int(ALLOCATOR_RESERVE_FRACTION * tensors)
-        device_rows["CUDA context + NCCL"] = CUDA_RUNTIME_BYTES
+        device_rows[ALLOCATOR_ROW] = int(ALLOCATOR_RESERVE_FRACTION * tensors)
+        device_rows[CUDA_RUNTIME_ROW] = CUDA_RUNTIME_BYTES
 
     ranks = min(spec.gpus_per_node, world)
     if spec.device == "cuda":
