@@ -23,7 +23,9 @@ definition -> category task). The story, top to bottom, one function each:
 6. save        adapter/, selection.json, importance.png, metrics.jsonl, summary.json
 
 Any step that can fail on one rank runs in distributed.run_on_every_rank, so all ranks
-stop together with the same message: exit code 2 and one line for bad input.
+stop together with the same message: exit code 2 and one line for bad input. A signal in
+train.preempt_signals (SIGTERM, SIGUSR1) stops every rank at the next step boundary with a
+checkpoint: exit code 75 (loradrop_ds.preemption; the same command resumes).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from loradrop_ds import adapter_io, distributed
+from loradrop_ds import adapter_io, distributed, preemption
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt
@@ -88,6 +90,7 @@ class Sampling:
     batches: data_lib.MicroBatches
     steps: int = 0
     history: list = dataclasses.field(default_factory=list)  # each check: {"step", "kept", "scores"}
+    preempted: bool = False  # the stage ended at a stop signal: stop once its end checkpoint is written
 
 
 # ---------------------------------------------------------------------- 1. setup
@@ -99,6 +102,9 @@ def setup(argv: Optional[list[str]]) -> Run:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value settings that override the recipe")
     args = parser.parse_args(argv)
     cfg, shipped = load_recipe(args.config, args.overrides)  # ds_configs/, data/ shipped when not in the cwd
+    # From here a stop signal only sets a flag, read at the first step boundary (the setup,
+    # the model's load and the zero-shot eval carry on).
+    preemption.install(cfg.train.preempt_signals)
     info = distributed.init_distributed(cfg.dist.timeout_minutes)
     setup_logging(info.is_main)
     set_matmul_precision(cfg.train.tf32, info.device.type)  # before any model is built
@@ -108,6 +114,8 @@ def setup(argv: Optional[list[str]]) -> Run:
         log.info("resolved config:\n%s", config_lib.dump_yaml(cfg))
         log.info("world size %d, device %s", info.world_size, info.device)
     inputs = preflight(cfg, info)
+    if info.is_main:  # a marker an earlier, preempted run left: this run takes over from it
+        preemption.clear_marker(Path(cfg.output_dir))
     logger = MetricsLogger(cfg.output_dir, enabled=info.is_main, report_to=cfg.train.report_to)
     logger.log_config(config_lib.to_dict(cfg))
     results = dict(inputs.resume[1].results) if inputs.resume else {}
@@ -142,6 +150,7 @@ def sampling_stage(run: Run) -> Sampling:
     # Kept in the results, so checkpoints carry it: a resumed run reaches the same decision.
     sampling.history = run.results.setdefault("sampling_history", [])
     stage = run.training_stage(engine, batches, max_steps, "sampling", sampling.steps, recorder)
+    settled = False
     for step, loss in stage:
         sampling.steps = step
         run.results["sampling_last_loss"] = loss
@@ -149,10 +158,18 @@ def sampling_stage(run: Run) -> Sampling:
             now = current_selection(run, sampling, f"selection check at step {step}")
             sampling.history.append({"step": step, "kept": now.kept if now else None,
                                      "scores": (now.scores or now.raw_sums) if now else None})
-            if auto and selection_settled([h["kept"] for h in sampling.history if h["kept"] is not None], drop.auto_patience):
+            settled = auto and selection_settled([h["kept"] for h in sampling.history if h["kept"] is not None],
+                                                 drop.auto_patience)
+            if settled:
                 break
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != max_steps:
+        if ((cfg.train.save_every and step % cfg.train.save_every == 0) or stage.preempted) and step != max_steps:
             run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)  # the end: below
+    # Preempted before the stage's end: stop at the checkpoint just written (with the partial
+    # statistics). At its end (the last step, or settled), the end checkpoint with the
+    # selection is the one to stop at (select_layers, then main()).
+    sampling.preempted = stage.preempted
+    if stage.preempted and not settled and sampling.steps != max_steps:
+        run.stop_for_preemption("sampling", sampling.steps)
     recorder.remove()
     run.results["sampling"] = {"steps": sampling.steps, "final_loss": run.results.get("sampling_last_loss"),
                                "subset_size": len(run.inputs.sample), "seconds_this_process": stage.result().seconds,
@@ -259,10 +276,14 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
         run.results["main_last_loss"] = loss
         if run.pruner is not None and step in run.pruner.steps:
             run.logger.log(run.pruner.update(step, info.world_size), step=step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps:
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps or stage.preempted:
             run.save_checkpoint(engine, "main", step, batches, selection)
+        # A stopping run still evaluates here when due: metrics.jsonl keeps the records up to
+        # the checkpoint on resume, so it then reads as the uninterrupted run's.
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != main_steps:
             run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
+    if stage.preempted:  # the stage ended after this step (the last one too: the final eval and save are left)
+        run.stop_for_preemption("main", step)
     result = stage.result()
     run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
                            "seconds_this_process": result.seconds, **run.stage_rates(stage)}
@@ -315,6 +336,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif run.cfg.loradrop.enabled:
         sampling = sampling_stage(run)
         selection = select_layers(run, sampling)
+        if sampling.preempted:  # at the stage's last step: its end checkpoint, with the selection, is written
+            run.stop_for_preemption("sampling", sampling.steps)
         warm_state = adapter_io.gather_lora_state(sampling.model) if run.cfg.loradrop.warm_start else None
         # Free the engine, its optimizer state and hooks; keep the ZeRO-3-partitioned base.
         base = strip_lora(release_engine(sampling.engine, keep_model=True))
@@ -326,6 +349,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     del base, warm_state
     probe = main_stage(run, engine, selection)
     save(run, engine, selection, probe)
+    if preemption.requested():
+        log.warning("stop signal(s) %s after the last step boundary: the run finished instead",
+                    ", ".join(preemption.received()))
     run.logger.close()
     release_engine(engine)
     return 0
@@ -333,10 +359,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_cli(argv: Optional[list[str]] = None) -> int:
     """Run ``main`` and turn failures into exit codes: 2 and one line for bad input (on
-    every rank, with the same message), 1 for anything unexpected. Anything else keeps
-    its traceback (an error inside a collective: the other ranks end at the timeout)."""
+    every rank, with the same message), 1 for anything unexpected, ``preemption.EXIT_CODE``
+    (75) for a run stopped by a signal with its checkpoint written. Anything else keeps its
+    traceback (an error inside a collective: the other ranks end at the timeout)."""
     try:
         return main(argv)
+    except preemption.Preempted as e:  # every rank is here, after the same step
+        signals = preemption.received()  # repeats, e.g. during the checkpoint write, changed nothing
+        print(f"preempted: {e}; exit code {preemption.EXIT_CODE}; signals on this rank: "
+              f"{', '.join(signals) if signals else 'none (another rank was signalled)'}; run the same command to "
+              "resume", file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
     except RankFailure as e:  # a step failed on some rank; every rank is here with the same message
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if e.user_error else 1

@@ -51,7 +51,7 @@ _NAME = re.compile(r"^(sampling|main)-step(\d{7})$")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.save_probe_logits", "data.max_eval_examples", "data.num_proc",
-                     "train.report_to", "train.skip_memory_check", "overwrite"}
+                     "train.report_to", "train.skip_memory_check", "overwrite", "train.preempt_signals"}
 # Files and directories a run writes into output_dir (moved aside together by overwrite=true).
 RUN_FILES = (CHECKPOINTS, "adapter", "summary.json", "config.yaml", "metrics.jsonl", "metrics.jsonl.previous",
              "selection.json", "importance.png", "selection_history.png", "probe_logits.safetensors")

@@ -1,16 +1,17 @@
 """The run context every stage of launch/train.py takes: the settings, this rank, the
 checked inputs, where results go, and the few things each stage does the same way
-(evaluate, its micro-batches, resume from a checkpoint, write one)."""
+(evaluate, its micro-batches, resume from a checkpoint, write one, stop for preemption)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from . import config as config_lib
 from . import data as data_lib
+from . import preemption
 from . import run_checkpoint as ckpt
 from .distributed import DistInfo
 from .importance import Selection
@@ -103,3 +104,12 @@ class Run:
         pruner = self.pruner if stage == "main" else None
         ckpt.save_run_checkpoint(engine, self.out_dir, state, self.info, self.cfg.train.keep_last, stats=stats,
                                  write_extra=(lambda d: write_prune_dir(d, pruner)) if pruner else None)
+
+    def stop_for_preemption(self, stage: str, step: int) -> NoReturn:
+        """Every rank, once the checkpoint at (stage, step) is complete on every rank (the
+        write ends with an exchange of outcomes): rank 0 writes the preemption marker, and
+        every rank raises ``Preempted`` (the CLI exits with ``preemption.EXIT_CODE``)."""
+        checkpoint = self.out_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(stage, step)
+        if self.info.is_main:
+            preemption.write_marker(self.out_dir, stage, step, checkpoint)
+        raise preemption.Preempted(stage, step, checkpoint)
