@@ -35,6 +35,7 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,12 +49,14 @@ from loradrop_ds import adapter_io, distributed, preemption
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt
-from loradrop_ds.atomic import atomic_write_text
+from loradrop_ds.atomic import atomic_write_file, atomic_write_text
 from loradrop_ds.cli import load_recipe
 from loradrop_ds.deepspeed_private import release_engine
+from loradrop_ds.disk_full import disk_full_reported
 from loradrop_ds.distributed import RankFailure, run_on_every_rank
 from loradrop_ds.engine import create_engine, lr_lambda, set_matmul_precision
 from loradrop_ds.errors import USER_ERRORS
+from loradrop_ds.faults import fault_point
 from loradrop_ds.importance import (
     Selection,
     compute_selection,
@@ -74,6 +77,7 @@ from loradrop_ds.metrics import MetricsLogger, format_count, setup_logging, summ
 from loradrop_ds.model import load_model
 from loradrop_ds.plot import write_selection_files
 from loradrop_ds.preflight import preflight
+from loradrop_ds.prune_files import PRUNE_DIR
 from loradrop_ds.prune_zero3 import pruner_for_run, write_prune_dir
 from loradrop_ds.run_context import Run
 
@@ -300,26 +304,46 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
 # ----------------------------------------------------------------------- 6. save
 def save(run: Run, engine: Any, selection: Optional[Selection], probe: Optional[dict]) -> None:
     """The adapter (gathered from the shards on every rank, written by rank 0), LoRAPrune's
-    masks, probe logits and summary.json; a failure on any rank stops every rank."""
+    masks, probe logits and summary.json; a failure on any rank stops every rank. A full disk
+    is one line on every rank (exit 2), and what this save wrote is removed again, so that
+    the run reads as unfinished and resume=auto redoes the final eval and save from the
+    last step's checkpoint; each file is written atomically, so nothing is left half-written."""
     info = run.info
     adapter_state = adapter_io.gather_lora_state(engine.module, copy_here=info.is_main)  # collective
+    outputs = [run.out_dir / name for name in ("adapter", PRUNE_DIR, "probe_logits.safetensors", "summary.json")]
 
     def write() -> None:
         if not info.is_main:
             return
+        new = [p for p in outputs if not p.exists()]
+        try:
+            with disk_full_reported(run.out_dir, lambda: ckpt.disk_full_fix(run.out_dir)):
+                write_outputs()
+        except Exception:
+            for path in new:  # summary.json or adapter/ would mark the run finished: resume=auto refuses it
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+
+    def write_outputs() -> None:
+        fault_point(info, "adapter", run.out_dir / "adapter")
         adapter_io.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
         if run.pruner is not None:
             write_prune_dir(run.out_dir, run.pruner)
         if probe:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({k: v.contiguous() for k, v in probe.items()}, run.out_dir / "probe_logits.safetensors")
+            probe_bytes = save({k: v.contiguous() for k, v in probe.items()})
+            atomic_write_file(run.out_dir / "probe_logits.safetensors", lambda f: f.write(probe_bytes))
         summary = {"world_size": info.world_size, "num_layers": run.inputs.dims.num_layers,
                    "plain_lora_params": run.inputs.plain_lora_params, **run.results,
                    "wall_seconds_this_process": time.perf_counter() - run.wall_start,
                    "resumed_from": str(run.resume_path) if run.resume_path else None}
         if selection is not None:
             summary["kept_layers"], summary["kept"] = selection.kept_layers, selection.kept
+        fault_point(info, "summary", run.out_dir / "summary.json")
         atomic_write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2))
         print(summary_text(summary), flush=True)
 

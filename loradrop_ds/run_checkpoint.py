@@ -39,6 +39,7 @@ import torch
 
 from .atomic import atomic_write_text
 from .deepspeed_private import create_adam_state, set_own_partition
+from .disk_full import DiskFullError, disk_full_reported
 from .faults import fault_point
 from .importance import ImportanceStats
 
@@ -145,7 +146,30 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     root = Path(out_dir) / CHECKPOINTS
     name = checkpoint_name(state.stage, state.step)
     tmp, final = root / f".tmp-{name}", root / name
-    point = lambda where: fault_point(info, f"{where}:{name}")  # noqa: E731
+    point = lambda where, path=None: fault_point(info, f"{where}:{name}", path)  # noqa: E731
+
+    def every_rank(fn: Callable[[], Any], gather: bool = False) -> Any:
+        # A full disk on any rank is one line on every rank (exit 2); after any failure rank 0
+        # removes the partial .tmp-<name> (it was never a checkpoint; this frees its space).
+        try:
+            with_space = lambda: _reporting_disk_full(out_dir, fn)  # noqa: E731
+            return distributed.run_on_every_rank(info, "checkpoint", with_space, (DiskFullError,), gather=gather)
+        except distributed.RankFailure:
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def write_deepspeed_files() -> None:
+        try:
+            engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+        except Exception:
+            # deepspeed 0.19.8 runtime/engine.py save_checkpoint: dist.barrier(), the tag check's two
+            # all_reduces, then only rank-local writes (torch.save of the model and ZeRO files),
+            # then a closing dist.barrier(). A write that fails skips that barrier, which the other
+            # ranks are waiting in: join it here, so that every rank reaches the exchange of
+            # outcomes (the same on NCCL: these are plain process-group barriers).
+            distributed.barrier()
+            raise
 
     def make_tmp() -> None:
         if info.is_main:
@@ -153,12 +177,13 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             (tmp / "rng").mkdir(parents=True)
             (tmp / "stats").mkdir()
 
-    distributed.run_on_every_rank(info, "checkpoint", make_tmp)
-    engine.save_checkpoint(str(tmp), tag="ds", exclude_frozen_parameters=True, save_latest=False)
+    every_rank(make_tmp)
+    every_rank(write_deepspeed_files)
     adapter_state = gather_lora_state(engine.module, copy_here=info.is_main)  # collective
     full_state = gather_full_state(engine, copy_here=info.is_main)  # collective
 
     def write_rank_files() -> dict[str, int]:
+        point("rank-files", tmp / "rng" / f"rank{info.rank}.pt")
         written = _deepspeed_files(tmp, info.rank, info.is_main)
         rng = {"cpu": torch.get_rng_state()}
         if info.device.type == "cuda":
@@ -183,7 +208,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
                 written += write_extra(tmp)
         return _sizes(tmp, written)
 
-    per_rank = distributed.run_on_every_rank(info, "checkpoint", write_rank_files, gather=True)
+    per_rank = every_rank(write_rank_files, gather=True)
     point("before-marker")
 
     def publish() -> None:
@@ -191,6 +216,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             return
         files = {rel: size for rank_files in per_rank for rel, size in rank_files.items()}
         manifest = {"name": name, "files": dict(sorted(files.items()))}
+        point("marker", tmp / MARKER)
         atomic_write_text(tmp / MARKER, json.dumps(manifest, indent=2), fsync=True)
         point("before-rename")
         if final.exists():  # a re-save of the same step (after a resume): replace it whole
@@ -199,8 +225,21 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
         prune_checkpoints(root, keep_last)
         log.info("checkpoint written: %s", final)
 
-    distributed.run_on_every_rank(info, "checkpoint", publish)
+    every_rank(publish)
     return final
+
+
+def _reporting_disk_full(out_dir: Path, fn: Callable[[], Any]) -> Any:
+    with disk_full_reported(Path(out_dir) / CHECKPOINTS, lambda: disk_full_fix(out_dir)):
+        return fn()
+
+
+def disk_full_fix(out_dir: Path) -> str:
+    """What to do after a full disk stopped run ``out_dir``, and which checkpoint it resumes from."""
+    found = list_checkpoints(out_dir, warn=False)
+    left = (f"the last complete checkpoint {found[0][0].name} is intact and resume=auto continues from it" if found
+            else "no checkpoint is complete yet: start again with overwrite=true (this run's files are moved aside)")
+    return f"free space or point output_dir elsewhere; {left}"
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:
