@@ -133,6 +133,38 @@ def test_one_lora_layer_runs_in_bf16_with_fp32_parameters_and_gradients(tiny_mod
         assert per_mode["bfloat16"] == [(torch.bfloat16, 64, False)] * 2 + [(torch.bfloat16, R, False)]
 
 
+def test_activation_checkpointing_recomputes_the_bf16_branch_exactly(tiny_model):
+    """Non-reentrant activation checkpointing (model.gradient_checkpointing, as model.py turns it
+    on) recomputes the bf16 LoRA branch, weight casts, dropout and the importance recorder's
+    gradient taps included: the LoRA gradients and the recorded statistics equal the run without
+    recomputation exactly."""
+    from loradrop_ds.lora import ADAPTER, ImportanceRecorder, lora_layers
+
+    results = []
+    for checkpointing in (False, True):
+        model, _ = lora_model(tiny_model, "bfloat16", dropout=0.1, modules=("q_proj", "v_proj", "up_proj"))
+        randomise_b(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        recorder = ImportanceRecorder(model, ["q_proj", "v_proj", "up_proj"], "cpu", record_grads=True)
+        calls = []
+        lora_layers(model, ["q_proj"])[(0, "q_proj")].lora_A[ADAPTER].register_forward_hook(lambda *_: calls.append(1))
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(6))
+        torch.manual_seed(7)
+        with recorder.recording(torch.ones(2, 12)):  # the forward only, as training.py records
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert grads and all(g.dtype == torch.float32 for g in grads.values())
+        results.append((grads, recorder.stats.sq_norm_sums.clone(), recorder.stats.grad_sq_sums.clone()))
+    (grads, sq, grad_sq), (grads_ckpt, sq_ckpt, grad_sq_ckpt) = results
+    assert sq.dtype == grad_sq.dtype == torch.float64 and bool((sq > 0).all()) and bool((grad_sq > 0).all())
+    assert grads.keys() == grads_ckpt.keys() and all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
+    assert torch.equal(sq, sq_ckpt) and torch.equal(grad_sq, grad_sq_ckpt)
+
+
 def cast_nodes_of(output: torch.Tensor, weight: torch.Tensor, depth: int = 6) -> list:
     """The autograd nodes of ``weight.to(...)`` (``ToCopyBackward0`` whose input is ``weight``'s
     ``AccumulateGrad``) within ``depth`` steps of ``output``'s graph."""
