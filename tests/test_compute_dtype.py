@@ -149,7 +149,8 @@ def test_activation_checkpointing_recomputes_the_bf16_branch_exactly(tiny_model)
         model.train()
         recorder = ImportanceRecorder(model, ["q_proj", "v_proj", "up_proj"], "cpu", record_grads=True)
         calls = []
-        lora_layers(model, ["q_proj"])[(0, "q_proj")].lora_A[ADAPTER].register_forward_hook(lambda *_: calls.append(1))
+        lora_a = lora_layers(model, ["q_proj"])[(0, "q_proj")].lora_A[ADAPTER]
+        lora_a.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(6))
         torch.manual_seed(7)
         with recorder.recording(torch.ones(2, 12)):  # the forward only, as training.py records
