@@ -11,8 +11,8 @@ CLI, ``torchrun --nproc_per_node 2 launch/train.py``, with ``model.dtype=bfloat1
 data in the same order. Variants (recipes): ``loradrop`` (recipes/default.yaml: kept LoRAs and
 one tied shared LoRA per module, dropout 0.05), ``allora`` (recipes/smollm2_allora.yaml: ALLoRA's
 hooks, LoRA-drop), ``loraprune`` (recipes/smollm2_loraprune.yaml: LoRAPrune's gradient taps at
-50% sparsity, LoRA-drop). With ``--yardstick`` the ``loradrop`` variant also runs on an fp32
-base (``model.dtype=float32``, fp32 compute): how far the bf16 base alone moves the run.
+50% sparsity, LoRA-drop). With ``--yardstick`` each variant also runs on an fp32 base
+(``model.dtype=float32``, fp32 compute): how far the bf16 base alone moves the run.
 
 Reported per variant, bf16 compute against fp32 compute: the same selection or not (and the
 largest relative difference of the sampling stage's importance), the largest absolute
@@ -185,7 +185,7 @@ def report(results: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["loradrop", "allora", "loraprune"])
-    parser.add_argument("--yardstick", action="store_true", help="also the loradrop variant on an fp32 base")
+    parser.add_argument("--yardstick", action="store_true", help="also each variant on an fp32 base")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "compute_dtype")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "compute_dtype.json")
     parser.add_argument("--report", action="store_true", help="only print the table from --results")
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> None:
         for dtype, out_dir in runs.items():
             run(out_dir, VARIANTS[variant], [*COMMON, f"lora.compute_dtype={dtype}"])
         results["comparisons"][f"{variant}:bf16 compute"] = compare(runs["float32"], runs["bfloat16"])
-        if variant == "loradrop" and args.yardstick:
-            fp32_base = args.out / "loradrop_fp32_base"
+        if args.yardstick:
+            fp32_base = args.out / f"{variant}_fp32_base"
             run(fp32_base, VARIANTS[variant], ["model.dtype=float32", "train.save_every=0", "resume=never"])
-            results["comparisons"]["loradrop:fp32 base (yardstick)"] = compare(runs["float32"], fp32_base)
+            results["comparisons"][f"{variant}:fp32 base (yardstick)"] = compare(runs["float32"], fp32_base)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(json.dumps(results, indent=2))
     report(results)
