@@ -155,6 +155,9 @@ def compare(ref: Path, other: Path) -> dict:
 
         ma, mb = (load_file(d / "prune" / "masks.safetensors") for d in (ref, other))
         out["same_prune_masks"] = ma.keys() == mb.keys() and all(bool((ma[k] == mb[k]).all()) for k in ma)
+        if ma.keys() == mb.keys():  # the share of mask entries (KV groups, MLP channels) decided otherwise
+            out["prune_mask_diff_fraction"] = (sum(int((ma[k] != mb[k]).sum()) for k in ma)
+                                               / sum(m.numel() for m in ma.values()))
     return out
 
 
@@ -171,7 +174,8 @@ def report(results: dict) -> None:
         variant, against = name.split(":")
         same = {True: "yes", False: "**no**", None: "n/a"}[r.get("same_selection")]
         if "same_prune_masks" in r:
-            same += f"; prune masks: {'same' if r['same_prune_masks'] else '**other**'}"
+            same += "; prune masks: " + ("same" if r["same_prune_masks"] else
+                                         f"**{100 * r.get('prune_mask_diff_fraction', float('nan')):.1f}% other**")
         print(f"| {variant} | {against} | {same} | {fmt(r.get('importance_max_rel_diff'), '.2e')} "
               f"| {fmt(r.get('sampling_max_abs_loss_diff'), '.4f')} / {fmt(r.get('main_max_abs_loss_diff'), '.4f')} "
               f"| {fmt(r['adapter_rel_diff'], '.4f')} / {fmt(r['kept_rel_diff'], '.4f')} / "
