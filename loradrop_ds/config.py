@@ -445,6 +445,9 @@ def validate(cfg: Config) -> None:
     _check(len(set(lora.target_modules)) == len(lora.target_modules),
            f"lora.target_modules has duplicates: {lora.target_modules}")
     _check(lora.allora_eta2 > 0, f"lora.allora_eta2 must be > 0, got {lora.allora_eta2}")
+    _check(lora.compute_dtype != "bfloat16" or cfg.model.dtype == "bfloat16",
+           f"lora.compute_dtype=bfloat16 runs the LoRA matmuls in the base's dtype, and model.dtype is "
+           f"{cfg.model.dtype}: set model.dtype=bfloat16 or lora.compute_dtype=float32")
     if lora.variant == "allora":
         _check(lora.dropout == 0.0 and lora.alpha == lora.r,
                f"lora.variant=allora trains without dropout and without the alpha/r scaling: set lora.dropout=0 "
