@@ -448,9 +448,6 @@ def test_activation_estimate_matches_a_real_zero3_step(zero3_step_memory, path, 
     # The lever really was pulled: DeepSpeed's linear replaced torch's, or did not.
     assert result["linear"] == ("zero3_linear_wrap" if mel else "linear")
     compute = CALIBRATION_PATHS[path][2]
-    if compute == "bfloat16" and "torch.float32" in result["lora_input_dtypes"]:
-        pytest.skip("lora.add_lora does not honour lora.compute_dtype=bfloat16 yet (LoRA A's input was "
-                    f"{result['lora_input_dtypes']}): remove this skip once it does")
     assert result["lora_input_dtypes"] == [f"torch.{compute}"]
     cfg = load_config(None, [f"model.path={model_dir}", *_calibration_overrides(path, ckpt)])
     dims = planner.read_model_dims(cfg.model, cfg.lora.target_modules)
