@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -46,7 +47,8 @@ def _free_port() -> int:
 # (--dist loadfile) in this order, so the long ones do not end up alone at the end.
 LONG_FILES = ("test_cluster_failures.py", "test_resume_world_size.py", "test_resume.py", "test_recipes.py",
               "test_engine.py", "test_prune_zero3.py", "test_shared_scale.py", "test_compute_dtype.py",
-              "test_train_cli.py", "test_selection_cli.py", "test_model.py", "test_export.py")
+              "test_disk_full.py", "test_train_cli.py", "test_selection_cli.py", "test_fused_loss.py", "test_planner.py",
+              "test_model.py", "test_export.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -187,24 +189,26 @@ def finished_run(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-def assert_adapter_reproduces_run(model_dir, out_dir, tol: float = 1e-5) -> None:
-    """The run's saved adapter, reloaded in plain transformers + peft (fp32, one process, no
-    DeepSpeed), gives the logits the trained ZeRO-3 model gave on the first eval batch
-    (``train.save_probe_logits``) at every real token, within ``tol`` (summation order), and
-    they differ from the base model's: training changed something."""
+def assert_adapter_reproduces_run(model_dir, out_dir, tol: float = 1e-5, dtype: str = "float32",
+                                  rtol: Optional[float] = None) -> None:
+    """The run's saved adapter, reloaded in plain transformers + peft (on a ``dtype`` base, one
+    process, no DeepSpeed), gives the logits the trained ZeRO-3 model gave on the first eval
+    batch (``train.save_probe_logits``) at every real token, within ``tol`` (``rtol``: the
+    relative tolerance, ``tol`` unless given; summation order), and they differ from the base
+    model's: training changed something."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     probe = load_file(Path(out_dir) / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(base, Path(out_dir) / "adapter").eval()
     inputs = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
     mask = probe["attention_mask"].bool()
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model(**inputs).logits.float()
         with model.disable_adapter():
-            base_logits = model(**inputs).logits
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=tol, atol=tol)
+            base_logits = model(**inputs).logits.float()
+    torch.testing.assert_close(logits[mask], probe["logits"][mask].float(), rtol=tol if rtol is None else rtol, atol=tol)
     assert (base_logits[mask] - probe["logits"][mask]).abs().max() > 1e-4

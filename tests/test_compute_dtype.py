@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import finished_run_args, run_ranks_many
+from conftest import assert_adapter_reproduces_run, finished_run_args, run_ranks_many
 from loradrop_ds.config import ConfigError, LoraConfig, load_config
 
 BF16_REL = 2e-2
@@ -320,17 +320,9 @@ def test_bf16_compute_run_reloads_in_plain_peft_and_resumes_exactly(tiny_model, 
     sampling checkpoint, the main stage (LoRA injected again, on a fresh base) ends with the
     same adapter as the uninterrupted run: the setting is applied again by the rebuild (an
     fp32-compute main stage would differ by about RUN_ADAPTER_REL)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     out, _ = dtype_runs["loradrop_bfloat16"]
-    probe = load_file(out / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
-    mask = probe["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=0.02, atol=0.05)
+    assert_adapter_reproduces_run(tiny_model, out, tol=0.05, dtype="bfloat16", rtol=0.02)
 
     resumed, proc = dtype_runs["resumed"]
     assert proc.returncode == 0, proc.stderr[-3000:]
