@@ -163,7 +163,9 @@ def main() -> int:
         if code == 0:
             entry.update(run_numbers(out_dir))
         else:
-            entry["error"] = next((line for line in reversed(log.splitlines()) if line.strip()), "")[-500:]
+            lines = [line for line in log.splitlines() if line.strip()]
+            # The run's own one-line refusal (rank 0's "error: ..."), else the log's last line.
+            entry["error"] = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")[-500:]
             entry["log_tail"] = log[-3000:]
         base = report["runs"].get("baseline")
         if code == 0 and base and base.get("exit") == 0 and compare:
@@ -229,7 +231,8 @@ def table(report: dict) -> str:
                          "| | | | | |")
             continue
         diff = r.get("loss_diff_first_last")
-        loss_diff = f" ({diff[0]:+.4f} / {diff[1]:+.4f})" if diff else " (another model)"
+        loss_diff = (f" ({diff[0]:+.4f} / {diff[1]:+.4f})" if diff
+                     else " (the reference)" if key == "baseline" else " (another model)")
         lines.append(f"| {key} | {r['micro_batch']} | {r['recompute']} | {fmt(r['tokens_per_s_per_gpu'], ',.0f')} "
                      f"| {fmt(r.get('speedup'), '.2f')} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_allocated_gib'], '.1f')} "
                      f"({fmt(r['predicted_peak_gib'], '.1f')}) GiB | {fmt(r['peak_reserved_gib'], '.1f')} | "

@@ -12,7 +12,11 @@ and per node) on the hardware the recipe's header names (the builtin model: this
 * the default CPU run (recipes/default.yaml, 2 ranks, fp32), whose measured peak RSS per rank
   (max over the ranks, /usr/bin/time) is in bench/RESULTS.md; the planner's rank-0 figure is
   given at the recipe's data.max_seq_len (its bound) and at the length the batches really pad
-  to (the longest WordNet example is 38 tokens).
+  to (the longest WordNet example is 38 tokens);
+* the GPU runs of docs/BENCHMARKS.md section 5 (one H200, one rank, sdpa), whose peak allocated
+  memory (``torch.cuda.max_memory_allocated`` over the main stage) is in bench/results: the
+  planner's tensors (its total less the allocator and CUDA-context allowances) for the same
+  settings, read from each result file and from the script that ran it.
 
 It also measures the runtime constant the CPU figures use: the RSS of a fresh interpreter
 after importing torch, deepspeed, transformers, peft and datasets.
@@ -78,6 +82,49 @@ def plan_figures(plan: planner.MemoryPlan) -> dict:
     }
 
 
+# (result file, run in it, the overrides bench/gpu_speed.py or bench/gpu_smoke.py ran it with)
+GPU_RUNS = [
+    ("gpu_speed_mb2.json", "plain", ["lora.dropout=0.0"]),
+    ("gpu_speed_mb8_gc.json", "plain", ["lora.dropout=0.0"]),
+    ("gpu_smoke.json", "plain", ["lora.dropout=0.05", "train.micro_batch_size=1", "model.gradient_checkpointing=true",
+                                 "data.max_seq_len=2048"]),
+]
+# bench/gpu_smoke.py's model (Llama-3-70B layer widths, 4 layers) and bench/gpu_speed.py's (Llama-2-7B shapes)
+GPU_SMOKE_WIDTHS = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
+                    "vocab_size": 128256, "num_hidden_layers": 4}
+
+
+def gpu_runs_vs_measured() -> list[dict]:
+    from transformers import AutoConfig
+
+    from loradrop_ds.model_dims import dims_from_config
+
+    records = []
+    for file, run, overrides in GPU_RUNS:
+        result = json.loads((REPO / "bench" / "results" / file).read_text())
+        widths = result.get("widths", GPU_SMOKE_WIDTHS)
+        settings = []
+        if "micro_batch" in result:
+            settings = [f"train.micro_batch_size={result['micro_batch']}", f"data.max_seq_len={result['seq']}",
+                        f"model.gradient_checkpointing={str(result['gradient_checkpointing']).lower()}"]
+        cfg = load_config(None, ["model.dtype=bfloat16", "lora.r=16", "lora.alpha=32", "loradrop.enabled=false",
+                                 "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+                                 "train.grad_accum=1", *settings, *overrides])
+        dims = dims_from_config(AutoConfig.for_model("llama", **widths), cfg.lora.target_modules)
+        plan = planner.plan_for_config(cfg, 1, 1, planner.parse_size("141GB"), None, device="cuda",
+                                       attn_implementation=result.get("attention", "sdpa"), dims=dims)
+        (stage,) = plan.stages
+        tensors = stage.tensor_bytes
+        measured = result[run]["peak_memory_gib"]
+        records.append({"result": f"bench/results/{file}", "run": run, "device": result["device"],
+                        "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.max_seq_len,
+                        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                        "memory_efficient_linear": plan.spec.zero.memory_efficient_linear,
+                        "estimated_tensors_gib": round(tensors / planner.GiB, 2), "measured_max_allocated_gib":
+                        round(measured, 2), "estimate_over_measured": round(tensors / planner.GiB / measured, 3)})
+    return records
+
+
 def measure_runtime_rss() -> float:
     code = ("import resource, torch, deepspeed, transformers, peft, datasets; "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)")
@@ -94,7 +141,7 @@ def main() -> int:
 
     anchor = planner.estimate(planner.peft_anchor_spec(), planner.parse_size("80GB"), None)
     (stage,) = anchor.stages
-    tensors = stage.device_total - stage.device_rows["allocator reserve"] - stage.device_rows["CUDA context + NCCL"]
+    tensors = stage.tensor_bytes
     anchor_record = {
         "source": "huggingface/peft docs/source/accelerate/deepspeed.md (run_peft_deepspeed.sh): 64 GB (80%) per GPU",
         "reference_bytes": planner.PEFT_ANCHOR_BYTES, **plan_figures(anchor),
@@ -123,6 +170,7 @@ def main() -> int:
                       "HOST_RUNTIME_BYTES_GPU": planner.HOST_RUNTIME_BYTES_GPU},
         "measured_runtime_rss_gib_after_imports": round(measure_runtime_rss(), 3),
         "runs": runs, "peft_anchor": anchor_record, "cpu_default_vs_measured": cpu,
+        "gpu_runs_vs_measured": gpu_runs_vs_measured(),
     }
     out = REPO / "bench" / "results" / "planner.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -134,6 +182,9 @@ def main() -> int:
     for c in cpu:
         print(f"CPU {c['recipe']} max_seq_len {c['max_seq_len']}: rank 0 {c['estimated_rank0_peak_rss_gib']} GiB "
               f"estimated vs {c['measured_peak_rss_gib']} GiB measured ({c['estimate_over_measured']:.3f})")
+    for g in result["gpu_runs_vs_measured"]:
+        print(f"GPU {g['result']} {g['run']}: {g['estimated_tensors_gib']} GiB of tensors estimated vs "
+              f"{g['measured_max_allocated_gib']} GiB max allocated ({g['estimate_over_measured']:.3f})")
     print(f"runtime RSS after imports: {result['measured_runtime_rss_gib_after_imports']} GiB; wrote {out}")
     return 0
 

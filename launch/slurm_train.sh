@@ -14,6 +14,14 @@
 # a missing directory does not run), so a log directory must exist before submitting:
 #   mkdir -p logs && sbatch --output=logs/%x-%j.out launch/slurm_train.sh ...
 #
+# Preemption and the time limit: SLURM sends USR1 to this batch shell 120 s before the time
+# limit (--signal=B:USR1@120). The script passes it to the run (srun -> each node's torchrun ->
+# its ranks); every rank stops at the next step boundary with a checkpoint (train.preempt_signals,
+# loradrop_ds/preemption.py), and the script requeues the job (--requeue), whose next start
+# resumes from that checkpoint (resume=auto). SIGTERM (preemption with GraceTime, scancel, the
+# time limit itself) is passed on the same way, without a requeue: SLURM decides whether the job
+# comes back (PreemptMode=REQUEUE). docs/LAUNCHING.md#preemption.
+#
 # From the environment (sbatch passes on the submitting shell's environment by default):
 #   GPUS_PER_NODE    ranks per node; default SLURM_GPUS_ON_NODE, else the count in
 #                    --gpus-per-node, else the GPUs nvidia-smi lists on the first node
@@ -21,6 +29,8 @@
 #                    that two jobs sharing a node are unlikely to collide
 #   OMP_NUM_THREADS  threads per rank; default CPUs per task / ranks per node
 #   TORCHRUN         the launcher; default .venv/bin/torchrun
+#   SHUTDOWN_TIMEOUT seconds torchrun gives its ranks to stop after passing them a signal, before
+#                    SIGKILL (its --shutdown-timeout); default 120, the lead of --signal below
 # Adjust the #SBATCH lines (partition, GPUs per node, CPUs, time) to your cluster; more, and
 # the other launchers, in launch/README.md.
 #SBATCH --job-name=loradrop
@@ -30,7 +40,14 @@
 #SBATCH --cpus-per-task=64
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
 set -euo pipefail
+
+# loradrop_ds.preemption.EXIT_CODE (EX_TEMPFAIL): the run stopped for preemption with its
+# checkpoint written; tests/test_launch.py checks the two agree.
+PREEMPTED_EXIT_CODE=75
 
 die() {
     echo "slurm_train.sh: $*" >&2
@@ -46,8 +63,14 @@ if [[ ${1:-} == --node-task ]]; then
     node=$SLURM_NODEID
     echo "loradrop: node $node of $LORADROP_NNODES on $(hostname), $GPUS_PER_NODE ranks," \
         "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+    # torchrun (torch 2.13, elastic/multiprocessing/api.py and agent/server/api.py) handles the
+    # signals listed here by sending the same signal to its ranks and waiting --shutdown-timeout
+    # seconds before SIGKILL; an unlisted USR1 would end torchrun itself at once. It then exits
+    # 1, as it does when a rank exits with PREEMPTED_EXIT_CODE, hence the marker file below.
     exec "$TORCHRUN" --nnodes="$LORADROP_NNODES" --node_rank="$node" --nproc_per_node="$GPUS_PER_NODE" \
-        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" launch/train.py "$@"
+        --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \
+        --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout="${SHUTDOWN_TIMEOUT:-120}" \
+        launch/train.py "$@"
 fi
 
 # ------------------------------------------------------------------ once, in the batch job
@@ -99,6 +122,44 @@ fi
 echo "loradrop: job $SLURM_JOB_ID, $LORADROP_NNODES nodes x $GPUS_PER_NODE ranks = world size" \
     "$((LORADROP_NNODES * GPUS_PER_NODE)), rendezvous $MASTER_ADDR:$MASTER_PORT," \
     "${SLURM_CPUS_PER_TASK:-default} CPUs per node, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+
+# Rank 0 writes this file once a run stopped by a signal has its checkpoint (the exit code
+# does not come through torchrun). In the checkout, which every node sees at the same path;
+# requeued, the job keeps its id, so a stale one is removed first.
+export LORADROP_PREEMPTED_FILE=$PWD/.loradrop-preempted-$SLURM_JOB_ID.json
+rm -f "$LORADROP_PREEMPTED_FILE"
+requeue=0
+interrupted=0
+srun_pid=
+# shellcheck disable=SC2329 # invoked by the traps below
+pass_on() { # SIGNAL: to srun, which passes it to every task (each node's torchrun)
+    interrupted=1
+    echo "slurm_train.sh: $1 received: asking the run to stop at its next step boundary with a checkpoint"
+    [[ -z $srun_pid ]] || kill -s "$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'requeue=1; pass_on USR1' USR1
+trap 'pass_on TERM' TERM
+
 # Arguments travel as an argv array (never through a command string), so every override
-# reaches train.py as the one argument it was.
-exec srun "${srun_args[@]}" bash launch/slurm_train.sh --node-task --config "$RECIPE" "$@"
+# reaches train.py as the one argument it was. srun runs in the background so that the traps
+# run while it does: a trapped signal ends `wait` early, and the loop waits again.
+srun "${srun_args[@]}" bash launch/slurm_train.sh --node-task --config "$RECIPE" "$@" &
+srun_pid=$!
+while :; do # bash keeps srun's status, so a wait after srun has ended returns it too
+    interrupted=0
+    status=0
+    wait "$srun_pid" || status=$?
+    ((interrupted)) || break
+done
+
+if [[ -f $LORADROP_PREEMPTED_FILE ]]; then
+    echo "slurm_train.sh: the run stopped for preemption: $(tr -d '\n' <"$LORADROP_PREEMPTED_FILE")"
+    rm -f "$LORADROP_PREEMPTED_FILE"
+    if ((requeue)); then
+        echo "slurm_train.sh: requeueing job $SLURM_JOB_ID; it resumes from that checkpoint (resume=auto)"
+        scontrol requeue "$SLURM_JOB_ID" ||
+            echo "slurm_train.sh: scontrol requeue failed: submit the same command again to resume" >&2
+    fi
+    exit "$PREEMPTED_EXIT_CODE"
+fi
+exit "$status"

@@ -23,7 +23,9 @@ definition -> category task). The story, top to bottom, one function each:
 6. save        adapter/, selection.json, importance.png, metrics.jsonl, summary.json
 
 Any step that can fail on one rank runs in distributed.run_on_every_rank, so all ranks
-stop together with the same message: exit code 2 and one line for bad input.
+stop together with the same message: exit code 2 and one line for bad input. A signal in
+train.preempt_signals (SIGTERM, SIGUSR1) stops every rank at the next step boundary with a
+checkpoint: exit code 75 (loradrop_ds.preemption; the same command resumes).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import dataclasses
 import gc
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,16 +45,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch
 
-from loradrop_ds import adapter_io, distributed
+from loradrop_ds import adapter_io, distributed, preemption
 from loradrop_ds import config as config_lib
 from loradrop_ds import data as data_lib
 from loradrop_ds import run_checkpoint as ckpt
-from loradrop_ds.atomic import atomic_write_text
+from loradrop_ds.atomic import atomic_write_file, atomic_write_text
 from loradrop_ds.cli import load_recipe
 from loradrop_ds.deepspeed_private import release_engine
+from loradrop_ds.disk_full import disk_full_reported
 from loradrop_ds.distributed import RankFailure, run_on_every_rank
-from loradrop_ds.engine import create_engine, lr_lambda
+from loradrop_ds.engine import create_engine, lr_lambda, set_matmul_precision
 from loradrop_ds.errors import USER_ERRORS
+from loradrop_ds.faults import fault_point
 from loradrop_ds.importance import (
     Selection,
     compute_selection,
@@ -72,6 +77,7 @@ from loradrop_ds.metrics import MetricsLogger, format_count, setup_logging, summ
 from loradrop_ds.model import load_model
 from loradrop_ds.plot import write_selection_files
 from loradrop_ds.preflight import preflight
+from loradrop_ds.prune_files import PRUNE_DIR
 from loradrop_ds.prune_zero3 import pruner_for_run, write_prune_dir
 from loradrop_ds.run_context import Run
 
@@ -88,6 +94,7 @@ class Sampling:
     batches: data_lib.MicroBatches
     steps: int = 0
     history: list = dataclasses.field(default_factory=list)  # each check: {"step", "kept", "scores"}
+    preempted: bool = False  # the stage ended at a stop signal: stop once its end checkpoint is written
 
 
 # ---------------------------------------------------------------------- 1. setup
@@ -99,14 +106,20 @@ def setup(argv: Optional[list[str]]) -> Run:
     parser.add_argument("overrides", nargs="*", help="dotted.key=value settings that override the recipe")
     args = parser.parse_args(argv)
     cfg, shipped = load_recipe(args.config, args.overrides)  # ds_configs/, data/ shipped when not in the cwd
+    # From here a stop signal only sets a flag, read at the first step boundary (the setup,
+    # the model's load and the zero-shot eval carry on).
+    preemption.install(cfg.train.preempt_signals)
     info = distributed.init_distributed(cfg.dist.timeout_minutes)
     setup_logging(info.is_main)
+    set_matmul_precision(cfg.train.tf32, info.device.type)  # before any model is built
     if info.is_main:
         if shipped:
             log.info("shipped files: %s", "; ".join(shipped))
         log.info("resolved config:\n%s", config_lib.dump_yaml(cfg))
         log.info("world size %d, device %s", info.world_size, info.device)
     inputs = preflight(cfg, info)
+    if info.is_main:  # a marker an earlier, preempted run left: this run takes over from it
+        preemption.clear_marker(Path(cfg.output_dir))
     logger = MetricsLogger(cfg.output_dir, enabled=info.is_main, report_to=cfg.train.report_to)
     logger.log_config(config_lib.to_dict(cfg))
     results = dict(inputs.resume[1].results) if inputs.resume else {}
@@ -141,6 +154,7 @@ def sampling_stage(run: Run) -> Sampling:
     # Kept in the results, so checkpoints carry it: a resumed run reaches the same decision.
     sampling.history = run.results.setdefault("sampling_history", [])
     stage = run.training_stage(engine, batches, max_steps, "sampling", sampling.steps, recorder)
+    settled = False
     for step, loss in stage:
         sampling.steps = step
         run.results["sampling_last_loss"] = loss
@@ -148,14 +162,22 @@ def sampling_stage(run: Run) -> Sampling:
             now = current_selection(run, sampling, f"selection check at step {step}")
             sampling.history.append({"step": step, "kept": now.kept if now else None,
                                      "scores": (now.scores or now.raw_sums) if now else None})
-            if auto and selection_settled([h["kept"] for h in sampling.history if h["kept"] is not None], drop.auto_patience):
+            settled = auto and selection_settled([h["kept"] for h in sampling.history if h["kept"] is not None],
+                                                 drop.auto_patience)
+            if settled:
                 break
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != max_steps:
+        if ((cfg.train.save_every and step % cfg.train.save_every == 0) or stage.preempted) and step != max_steps:
             run.save_checkpoint(engine, "sampling", step, batches, None, stats=recorder.stats)  # the end: below
+    # Preempted before the stage's end: stop at the checkpoint just written (with the partial
+    # statistics). At its end (the last step, or settled), the end checkpoint with the
+    # selection is the one to stop at (select_layers, then main()).
+    sampling.preempted = stage.preempted
+    if stage.preempted and not settled and sampling.steps != max_steps:
+        run.stop_for_preemption("sampling", sampling.steps)
     recorder.remove()
     run.results["sampling"] = {"steps": sampling.steps, "final_loss": run.results.get("sampling_last_loss"),
                                "subset_size": len(run.inputs.sample), "seconds_this_process": stage.result().seconds,
-                               **stage.result().rates(run.peak_flops)}
+                               **run.stage_rates(stage)}
     if auto:
         run.results["sampling"]["settled"] = sampling.steps < max_steps
         if sampling.steps == max_steps:
@@ -258,13 +280,17 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
         run.results["main_last_loss"] = loss
         if run.pruner is not None and step in run.pruner.steps:
             run.logger.log(run.pruner.update(step, info.world_size), step=step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps:
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == main_steps or stage.preempted:
             run.save_checkpoint(engine, "main", step, batches, selection)
+        # A stopping run still evaluates here when due: metrics.jsonl keeps the records up to
+        # the checkpoint on resume, so it then reads as the uninterrupted run's.
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != main_steps:
             run.logger.log({"stage": "eval", **run.evaluate(engine, f"eval@{step}")}, step=step)
+    if stage.preempted:  # the stage ended after this step (the last one too: the final eval and save are left)
+        run.stop_for_preemption("main", step)
     result = stage.result()
     run.results["main"] = {"steps": main_steps, "final_loss": run.results.get("main_last_loss"),
-                           "seconds_this_process": result.seconds, **result.rates(run.peak_flops)}
+                           "seconds_this_process": result.seconds, **run.stage_rates(stage)}
     if run.pruner is not None:
         run.results["prune"] = run.pruner.summary()
         if info.is_main:
@@ -278,26 +304,46 @@ def main_stage(run: Run, engine: Any, selection: Optional[Selection]) -> Optiona
 # ----------------------------------------------------------------------- 6. save
 def save(run: Run, engine: Any, selection: Optional[Selection], probe: Optional[dict]) -> None:
     """The adapter (gathered from the shards on every rank, written by rank 0), LoRAPrune's
-    masks, probe logits and summary.json; a failure on any rank stops every rank."""
+    masks, probe logits and summary.json; a failure on any rank stops every rank. A full disk
+    is one line on every rank (exit 2), and what this save wrote is removed again, so that
+    the run reads as unfinished and resume=auto redoes the final eval and save from the
+    last step's checkpoint; each file is written atomically, so nothing is left half-written."""
     info = run.info
     adapter_state = adapter_io.gather_lora_state(engine.module, copy_here=info.is_main)  # collective
+    outputs = [run.out_dir / name for name in ("adapter", PRUNE_DIR, "probe_logits.safetensors", "summary.json")]
 
     def write() -> None:
         if not info.is_main:
             return
+        new = [p for p in outputs if not p.exists()]
+        try:
+            with disk_full_reported(run.out_dir, lambda: ckpt.disk_full_fix(run.out_dir)):
+                write_outputs()
+        except Exception:
+            for path in new:  # summary.json or adapter/ would mark the run finished: resume=auto refuses it
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+
+    def write_outputs() -> None:
+        fault_point(info, "adapter", run.out_dir / "adapter")
         adapter_io.save_adapter(engine.module, run.out_dir / "adapter", True, state=adapter_state)
         if run.pruner is not None:
             write_prune_dir(run.out_dir, run.pruner)
         if probe:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({k: v.contiguous() for k, v in probe.items()}, run.out_dir / "probe_logits.safetensors")
+            probe_bytes = save({k: v.contiguous() for k, v in probe.items()})
+            atomic_write_file(run.out_dir / "probe_logits.safetensors", lambda f: f.write(probe_bytes))
         summary = {"world_size": info.world_size, "num_layers": run.inputs.dims.num_layers,
                    "plain_lora_params": run.inputs.plain_lora_params, **run.results,
                    "wall_seconds_this_process": time.perf_counter() - run.wall_start,
                    "resumed_from": str(run.resume_path) if run.resume_path else None}
         if selection is not None:
             summary["kept_layers"], summary["kept"] = selection.kept_layers, selection.kept
+        fault_point(info, "summary", run.out_dir / "summary.json")
         atomic_write_text(run.out_dir / "summary.json", json.dumps(summary, indent=2))
         print(summary_text(summary), flush=True)
 
@@ -314,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     elif run.cfg.loradrop.enabled:
         sampling = sampling_stage(run)
         selection = select_layers(run, sampling)
+        if sampling.preempted:  # at the stage's last step: its end checkpoint, with the selection, is written
+            run.stop_for_preemption("sampling", sampling.steps)
         warm_state = adapter_io.gather_lora_state(sampling.model) if run.cfg.loradrop.warm_start else None
         # Free the engine, its optimizer state and hooks; keep the ZeRO-3-partitioned base.
         base = strip_lora(release_engine(sampling.engine, keep_model=True))
@@ -325,6 +373,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     del base, warm_state
     probe = main_stage(run, engine, selection)
     save(run, engine, selection, probe)
+    if preemption.requested():
+        log.warning("stop signal(s) %s after the last step boundary: the run finished instead",
+                    ", ".join(preemption.received()))
     run.logger.close()
     release_engine(engine)
     return 0
@@ -332,10 +383,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def run_cli(argv: Optional[list[str]] = None) -> int:
     """Run ``main`` and turn failures into exit codes: 2 and one line for bad input (on
-    every rank, with the same message), 1 for anything unexpected. Anything else keeps
-    its traceback (an error inside a collective: the other ranks end at the timeout)."""
+    every rank, with the same message), 1 for anything unexpected, ``preemption.EXIT_CODE``
+    (75) for a run stopped by a signal with its checkpoint written. Anything else keeps its
+    traceback (an error inside a collective: the other ranks end at the timeout)."""
     try:
         return main(argv)
+    except preemption.Preempted as e:  # every rank is here, after the same step
+        signals = preemption.received()  # repeats, e.g. during the checkpoint write, changed nothing
+        print(f"preempted: {e}; exit code {preemption.EXIT_CODE}; signals on this rank: "
+              f"{', '.join(signals) if signals else 'none (another rank was signalled)'}; run the same command to "
+              "resume", file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
     except RankFailure as e:  # a step failed on some rank; every rank is here with the same message
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2 if e.user_error else 1

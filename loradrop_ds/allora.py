@@ -66,7 +66,9 @@ class _RowScaledGrad(torch.autograd.Function):
     def backward(ctx, grad):
         factor, a, b = ctx.saved_tensors
         grad_y = grad * factor.to(grad.dtype)
-        grad_x = ((grad.to(b.dtype) @ b) @ a).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
+        # In the branch's dtype, like its forward (lora.compute_dtype): fp32, or bf16 with the
+        # fp32 copies of A and B cast at use; the result joins x's gradient in x's dtype.
+        grad_x = ((grad @ b.to(grad.dtype)) @ a.to(grad.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[1] else None
         return grad_y, grad_x, None, None, None
 
 

@@ -20,10 +20,12 @@ import yaml
 
 # The allowed values of each choice are owned by the module that implements it; a field's
 # ``Literal[T]`` of such a tuple T is ``Literal[*T]``, so ``_coerce`` checks and names them.
-# These three import no other project module (no cycle) and only torch/tqdm: importing config
-# starts no process group and imports neither deepspeed nor loradrop_ds.distributed.
+# These four import no other project module (no cycle; preemption only atomic.py) and only
+# torch/tqdm: importing config starts no process group and imports neither deepspeed nor
+# loradrop_ds.distributed.
 from .importance import GRANULARITIES, SELECTION_METHODS
 from .metrics import TRACKERS
+from .preemption import SIGNALS as PREEMPT_SIGNALS
 from .prune_algorithm import ATTN_MODULES, MLP_MODULES
 
 # Choices whose implementing module imports this one (for its settings dataclass), so this
@@ -197,6 +199,9 @@ class TrainConfig:
     tf32: bool = False
     # The accelerator's dense bf16 peak in TFLOP/s for the MFU in the log; null: from the device name.
     peak_tflops: Optional[float] = None
+    # Signals that stop the run at the next step boundary with a checkpoint, exit code 75
+    # (loradrop_ds.preemption; docs/LAUNCHING.md#preemption); [] : none (their default action).
+    preempt_signals: list[Literal[PREEMPT_SIGNALS]] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass
@@ -440,6 +445,9 @@ def validate(cfg: Config) -> None:
     _check(len(set(lora.target_modules)) == len(lora.target_modules),
            f"lora.target_modules has duplicates: {lora.target_modules}")
     _check(lora.allora_eta2 > 0, f"lora.allora_eta2 must be > 0, got {lora.allora_eta2}")
+    _check(lora.compute_dtype != "bfloat16" or cfg.model.dtype == "bfloat16",
+           f"lora.compute_dtype=bfloat16 runs the LoRA matmuls in the base's dtype, and model.dtype is "
+           f"{cfg.model.dtype}: set model.dtype=bfloat16 or lora.compute_dtype=float32")
     if lora.variant == "allora":
         _check(lora.dropout == 0.0 and lora.alpha == lora.r,
                f"lora.variant=allora trains without dropout and without the alpha/r scaling: set lora.dropout=0 "

@@ -1,6 +1,6 @@
 """Every use of DeepSpeed's private internals, in one place: what to re-test before
-widening the pinned DeepSpeed range (pyproject.toml; read and tested with 0.19.8, the
-names are the same in 0.19.3).
+widening the pinned DeepSpeed range (pyproject.toml; read in 0.19.8, tested with 0.19.8
+and 0.19.5).
 
 - :func:`release_engine`: tearing an engine down so its ZeRO-3 model can be freed or
   built on again (``FWD_MODULE_STACK``, the ``lru_cache`` on the parameter coordinator's

@@ -495,9 +495,10 @@ def summary_text(summary: dict) -> str:
     if "tokens_per_s_per_rank" in main:
         mfu = f", MFU {main['mfu']:.1%}" if main.get("mfu") is not None else ""
         reserved = f" ({main['peak_reserved_gib']:.1f} GiB reserved)" if "peak_reserved_gib" in main else ""
+        planned = f", planned {main['planned_peak_gib']:.1f} GiB of tensors" if "planned_peak_gib" in main else ""
         lines.append(f"main stage per GPU: {main['tokens_per_s_per_rank']:,.0f} tokens/s, "
                      f"{main.get('tflops_per_rank', 0.0):.2f} TFLOP/s{mfu}, peak memory {main['peak_memory_gib']:.1f} GiB"
-                     f"{reserved}")
+                     f"{reserved}{planned}")
     lines.append(f"wall time: {summary['wall_seconds_this_process']:.0f} s"
                  + (f" (resumed from {summary['resumed_from']})" if summary.get("resumed_from") else ""))
     return "\n".join(lines)

@@ -23,7 +23,8 @@ from .model import BUILTIN_PREFIX, ModelError, builtin_model_dir, decoder_layers
 # recipes and the peft anchor name, used when the id is not in the local hub cache: the hub
 # is often unreachable (and meta-llama repos are gated), and these values never change.
 # Cross-checked: the parameter counts they give on the meta device are the published ones
-# (Llama-2-7B 6,738,415,616; Llama-2-70B 68,976,648,192; Llama-3-70B 70,553,706,496).
+# (Llama-2-7B 6,738,415,616; Llama-2-13B 13,015,864,320; Llama-2-70B 68,976,648,192;
+# Llama-3-70B 70,553,706,496).
 # `torch_dtype` is the dtype of the stored weights (what rank 0 maps while loading).
 _LLAMA2 = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
            "tie_word_embeddings": False, "torch_dtype": "float16"}

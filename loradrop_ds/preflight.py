@@ -67,6 +67,9 @@ class Inputs:
     eval_set: Optional[data_lib.TokenizedSet] = None
     sample: Optional[list[int]] = None  # indices of the sampling subset
     main_steps: int = 0  # train.max_steps, or train.num_epochs worth of steps
+    # The start-up memory check's estimate (None with train.skip_memory_check): each stage's
+    # summary puts its predicted tensor peak beside the measured one.
+    memory_plan: Optional[planner.MemoryPlan] = None
 
 
 def preflight(cfg: config_lib.Config, info: DistInfo) -> Inputs:
@@ -117,13 +120,15 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
     dims = dims_from_config(model_config, cfg.lora.target_modules, cfg.model)  # the run's one weightless model
     attn = resolve_attn_implementation(cfg.model.attn_implementation, info.device.type, cfg.model.dtype)
     ds_config = load_ds_config(cfg, info.world_size, SizeHints.for_model(dims, cfg.lora.r))
+    memory_plan = None
     if not cfg.train.skip_memory_check:  # the estimate of launch/plan.py against this machine
         device_memory = (torch.cuda.get_device_properties(info.device).total_memory if info.device.type == "cuda"
                          else None)  # CPU ranks: every rank's tensors counted against the host's RAM
-        problem = planner.check_memory(cfg, info.world_size, planner.ranks_per_node(info.world_size), device_memory,
-                                       planner.host_memory_bytes(), attn_implementation=attn, dims=dims)
-        if problem is not None:
-            raise config_lib.ConfigError(problem)
+        memory_plan = planner.plan_for_config(cfg, info.world_size, planner.ranks_per_node(info.world_size),
+                                              device_memory, planner.host_memory_bytes(), attn_implementation=attn,
+                                              dims=dims)
+        if not memory_plan.fits:
+            raise config_lib.ConfigError(planner.explain_misfit(memory_plan))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.trust_remote_code)
     check_tokenizer_fits(tokenizer, model_config, cfg.model.tokenizer or cfg.model.path)
     plain = dims.num_layers * sum(lora_param_count(i, o, cfg.lora.r) for i, o in dims.target_shapes.values())
@@ -149,7 +154,7 @@ def check_inputs(cfg: config_lib.Config, info: DistInfo) -> Inputs:
             raise config_lib.ConfigError(f"output_dir={out_dir} is not writable ({e.strerror}); choose another") from e
     if info.local_rank == 0:
         tokenize_data(cfg, tokenizer, build=True)
-    return Inputs(dims, tokenizer, attn, base, plain, costs, ds_config, resume)
+    return Inputs(dims, tokenizer, attn, base, plain, costs, ds_config, resume, memory_plan=memory_plan)
 
 
 def tokenize_data(cfg: config_lib.Config, tokenizer: Any, build: bool

@@ -43,6 +43,7 @@ import torch
 
 from . import training_state
 from .atomic import atomic_write_text
+from .disk_full import DiskFullError, disk_full_reported
 from .faults import fault_point
 from .importance import ImportanceStats
 
@@ -55,7 +56,7 @@ _NAME = re.compile(r"^(sampling|main)-step(\d{7})$")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = {"output_dir", "resume", "train.log_every", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.save_probe_logits", "data.max_eval_examples", "data.num_proc",
-                     "train.report_to", "train.skip_memory_check", "overwrite"}
+                     "train.report_to", "train.skip_memory_check", "overwrite", "train.preempt_signals"}
 # Files and directories a run writes into output_dir (moved aside together by overwrite=true).
 RUN_FILES = (CHECKPOINTS, "adapter", "summary.json", "config.yaml", "metrics.jsonl", "metrics.jsonl.previous",
              "selection.json", "importance.png", "selection_history.png", "probe_logits.safetensors")
@@ -127,7 +128,18 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
     root = Path(out_dir) / CHECKPOINTS
     name = checkpoint_name(state.stage, state.step)
     tmp, final = root / f".tmp-{name}", root / name
-    point = lambda where: fault_point(info, f"{where}:{name}")  # noqa: E731
+    point = lambda where, path=None: fault_point(info, f"{where}:{name}", path)  # noqa: E731
+
+    def every_rank(fn: Callable[[], Any], gather: bool = False) -> Any:
+        # A full disk on any rank is one line on every rank (exit 2); after any failure rank 0
+        # removes the partial .tmp-<name> (it was never a checkpoint; this frees its space).
+        try:
+            with_space = lambda: _reporting_disk_full(out_dir, fn)  # noqa: E731
+            return distributed.run_on_every_rank(info, "checkpoint", with_space, (DiskFullError,), gather=gather)
+        except distributed.RankFailure:
+            if info.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def make_tmp() -> None:
         if info.is_main:
@@ -135,11 +147,12 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             (tmp / "rng").mkdir(parents=True)
             (tmp / "stats").mkdir()
 
-    distributed.run_on_every_rank(info, "checkpoint", make_tmp)
+    every_rank(make_tmp)
     adapter_state = gather_lora_state(engine.module, copy_here=info.is_main)  # collective
     optimizer_state = training_state.write_training_state(engine, tmp, info.is_main)  # collective; rank 0 writes
 
     def write_rank_files() -> dict[str, int]:
+        point("rank-files", tmp / "rng" / f"rank{info.rank}.pt")
         written = list(optimizer_state.files())  # rank 0's, or the error that stopped its write
         rng = {"cpu": torch.get_rng_state()}
         if info.device.type == "cuda":
@@ -162,7 +175,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
                 written += write_extra(tmp)
         return _sizes(tmp, written)
 
-    per_rank = distributed.run_on_every_rank(info, "checkpoint", write_rank_files, gather=True)
+    per_rank = every_rank(write_rank_files, gather=True)
     point("before-marker")
 
     def publish() -> None:
@@ -170,6 +183,7 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
             return
         files = {rel: size for rank_files in per_rank for rel, size in rank_files.items()}
         manifest = {"name": name, "files": dict(sorted(files.items()))}
+        point("marker", tmp / MARKER)
         atomic_write_text(tmp / MARKER, json.dumps(manifest, indent=2), fsync=True)
         point("before-rename")
         if final.exists():  # a re-save of the same step (after a resume): replace it whole
@@ -178,8 +192,21 @@ def save_run_checkpoint(engine: Any, out_dir: Path, state: RunState, info: Any, 
         prune_checkpoints(root, keep_last)
         log.info("checkpoint written: %s", final)
 
-    distributed.run_on_every_rank(info, "checkpoint", publish)
+    every_rank(publish)
     return final
+
+
+def _reporting_disk_full(out_dir: Path, fn: Callable[[], Any]) -> Any:
+    with disk_full_reported(Path(out_dir) / CHECKPOINTS, lambda: disk_full_fix(out_dir)):
+        return fn()
+
+
+def disk_full_fix(out_dir: Path) -> str:
+    """What to do after a full disk stopped run ``out_dir``, and which checkpoint it resumes from."""
+    found = list_checkpoints(out_dir, warn=False)
+    left = (f"the last complete checkpoint {found[0][0].name} is intact and resume=auto continues from it" if found
+            else "no checkpoint is complete yet: start again with overwrite=true (this run's files are moved aside)")
+    return f"free space or point output_dir elsewhere; {left}"
 
 
 def prune_checkpoints(root: Path, keep_last: int) -> None:

@@ -1,16 +1,17 @@
 """The run context every stage of launch/train.py takes: the settings, this rank, the
 checked inputs, where results go, and the few things each stage does the same way
-(evaluate, its micro-batches, resume from a checkpoint, write one)."""
+(evaluate, its micro-batches, resume from a checkpoint, write one, stop for preemption)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from . import config as config_lib
 from . import data as data_lib
+from . import preemption
 from . import run_checkpoint as ckpt
 from .distributed import DistInfo
 from .importance import Selection
@@ -56,6 +57,17 @@ class Run:
         """The MFU's denominator: train.peak_tflops, else the device's dense bf16 peak, else None."""
         return peak_flops_per_s(self.info.device, self.cfg.train.peak_tflops)
 
+    def stage_rates(self, stage: TrainingStage) -> dict:
+        """A stage's throughput and memory for summary.json (``StageResult.rates``) with the
+        planner's predicted tensor peak for that stage beside the measured one (GiB; the main
+        stage is planned with every layer kept, an upper bound for LoRA-drop's)."""
+        rates = stage.result().rates(self.peak_flops)
+        plan = self.inputs.memory_plan
+        planned = next((s for s in plan.stages if s.stage == stage.stage), None) if plan is not None else None
+        if planned is not None:
+            rates["planned_peak_gib"] = planned.tensor_bytes / 2**30
+        return rates
+
     def training_stage(self, engine: Any, batches: data_lib.MicroBatches, steps: int, stage: str, start_step: int,
                        recorder: Any = None) -> TrainingStage:
         """``stage``'s steps ``start_step + 1 .. steps``, logged every train.log_every with throughput and MFU."""
@@ -92,3 +104,12 @@ class Run:
         pruner = self.pruner if stage == "main" else None
         ckpt.save_run_checkpoint(engine, self.out_dir, state, self.info, self.cfg.train.keep_last, stats=stats,
                                  write_extra=(lambda d: write_prune_dir(d, pruner)) if pruner else None)
+
+    def stop_for_preemption(self, stage: str, step: int) -> NoReturn:
+        """Every rank, once the checkpoint at (stage, step) is complete on every rank (the
+        write ends with an exchange of outcomes): rank 0 writes the preemption marker, and
+        every rank raises ``Preempted`` (the CLI exits with ``preemption.EXIT_CODE``)."""
+        checkpoint = self.out_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(stage, step)
+        if self.info.is_main:
+            preemption.write_marker(self.out_dir, stage, step, checkpoint)
+        raise preemption.Preempted(stage, step, checkpoint)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,12 +13,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import preemption
 from .data import IGNORE_INDEX, TokenizedSet, collate, eval_batches
 from .deepspeed_private import forget_zero3_trace
 from .distributed import DistInfo
 from .faults import fault_point
 from .metrics import MetricsLogger, progress_bar
 from .throughput import StepFlops, peak_memory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,10 +42,15 @@ class StageResult:
                 "mfu": self.flops_per_rank / seconds / peak_flops if peak_flops else None, **self.memory}
 
 
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    total = value.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return float(total) / dist.get_world_size()
+def _end_of_step_all_reduce(loss: torch.Tensor, stop: bool) -> tuple[float, int]:
+    """The step's one collective: the mean of ``loss`` over ranks, and how many ranks asked to
+    stop. The preemption flag rides on the loss's all-reduce (one 2-element float64 tensor,
+    summed) so that preemption costs no extra collective per step. The loss is summed exactly as
+    a 1-element all-reduce would sum it: elementwise, in the same order."""
+    packed = torch.stack([loss, torch.ones_like(loss) if stop else torch.zeros_like(loss)])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    total, stopping = packed.tolist()
+    return total / dist.get_world_size(), int(stopping)
 
 
 @dataclass
@@ -69,6 +78,11 @@ class TrainingStage:
     ``tokens_per_s_per_rank``. After it, ``STAGE:STEP`` is a test fault point
     (``loradrop_ds.faults``).
 
+    Preemption: the step's all-reduce also tells every rank whether any rank has received a
+    stop signal (``loradrop_ds.preemption``). If so, ``preempted`` is True on every rank at
+    the same step, and the iteration ends after the recipe's work for that step: the recipe
+    checkpoints that step and stops the run.
+
     With ``flops`` (:class:`throughput.StepFlops`) each logged step also has the model
     TFLOP/s per rank and, with ``peak_flops``, the MFU; CUDA runs log the allocated and
     reserved memory peaks (``throughput.peak_memory``).
@@ -90,6 +104,9 @@ class TrainingStage:
     flops_per_rank: float = 0.0
     step_seconds: float = 0.0
     started: Optional[float] = None
+    # True on every rank once a stop signal (loradrop_ds.preemption) reached any rank: the
+    # iteration then ends after the step that learned it, and the recipe checkpoints it.
+    preempted: bool = False
 
     def __iter__(self) -> Iterator[tuple[int, float]]:
         engine, info, recorder = self.engine, self.info, self.recorder
@@ -126,7 +143,13 @@ class TrainingStage:
                     engine.backward(out.loss)
                     engine.step()
                     step_loss += out.loss.detach().to(torch.float64) / grad_accum
-                mean_loss = _mean_over_ranks(step_loss)  # also a sync point: step times below are whole steps
+                # Also a sync point: step times below are whole steps.
+                mean_loss, ranks_stopping = _end_of_step_all_reduce(step_loss, preemption.requested())
+                if ranks_stopping and not self.preempted:
+                    self.preempted = True
+                    if info.is_main:
+                        log.warning("preemption: a stop signal reached %d of %d ranks; %s step %d is the last one "
+                                    "this run takes", ranks_stopping, info.world_size, self.stage, step)
                 self.losses.append(mean_loss)
                 now = time.perf_counter()
                 window_seconds += now - step_start
@@ -157,6 +180,8 @@ class TrainingStage:
                 yield step, mean_loss
                 step_start = time.perf_counter()
                 fault_point(info, f"{self.stage}:{step}")
+                if self.preempted:  # every rank learned it at this step's all-reduce: all end here
+                    return
         finally:
             bar.close()
 

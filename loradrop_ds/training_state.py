@@ -13,11 +13,11 @@ Two files in the checkpoint directory:
 
 Why this is the only copy. DeepSpeed's own checkpoint (``engine.save_checkpoint``, the
 ``ds/`` directory checkpoints had until this module) holds the same numbers a second time,
-partitioned: each rank's flat fp32 partition and its two moments, plus each rank's model
-states, which with the LoRA parameters resident (``stage3_param_persistence_threshold``,
-``"auto"`` in ds_configs/zero3.json) hold every resident LoRA parameter whole, once per rank:
-a file that grows with the number of ranks. Everything a resume needs is in the two files
-above, at any number of ranks; resuming from them at the same number is exact as well (the
+partitioned: each rank's flat fp32 partition and its two moments, plus a model-state file per
+rank (names, shapes, buffers: DeepSpeed 0.19.8 partitions every parameter, resident ones too,
+before it saves, ``checkpoint_event_prologue``), so its total grows with the number of ranks
+(measured: docs/CHECKPOINTS.md). Everything a resume needs is in the two files above, at any
+number of ranks; resuming from them at the same number is exact as well (the
 fp32 values are copied bit for bit, and the working copy is the optimizer's own cast of
 them, ``deepspeed_private.restore_working_copy``), so ``ds/`` is no longer written.
 
@@ -107,6 +107,16 @@ class WrittenState:
         return self.written
 
 
+def _naming(error: OSError, path: Path) -> OSError:
+    """``error`` with the file it was writing named (a failed ``write`` names none), so that a
+    full disk's one line says which file (``disk_full.disk_full_reported``)."""
+    if error.filename is None:
+        named = OSError(error.errno, error.strerror, str(path))
+        named.__cause__ = error
+        return named
+    return error
+
+
 class _StreamedFile:
     """A safetensors file written tensor by tensor after its header; the first error is kept
     (and later writes skipped) so that rank 0 goes on taking part in the gathers."""
@@ -119,7 +129,7 @@ class _StreamedFile:
             self.file = open(path, "wb")
             self.file.write(header)
         except OSError as e:
-            self.error = e
+            self.error = _naming(e, path)
 
     def write(self, tensor: torch.Tensor) -> None:
         if self.error is not None:
@@ -131,14 +141,14 @@ class _StreamedFile:
         try:
             self.file.write(memoryview(tensor.detach().to("cpu", torch.float32).contiguous().numpy()).cast("B"))
         except OSError as e:
-            self.error = e
+            self.error = _naming(e, self.path)
 
     def close(self) -> Optional[BaseException]:
         if self.file is not None:
             try:
                 self.file.close()
             except OSError as e:
-                self.error = self.error or e
+                self.error = self.error or _naming(e, self.path)
         if self.error is None and self.expected:
             self.error = RuntimeError(f"{self.path}: {len(self.expected)} tensors of the header were not written")
         return self.error
@@ -171,7 +181,9 @@ def write_training_state(engine: Any, directory: Path, is_main: bool) -> Written
                "global_steps": int(engine.global_steps), "global_samples": int(engine.global_samples)}
     try:
         (directory / SCALARS).write_text(json.dumps(scalars, separators=(",", ":")))
-    except (OSError, TypeError, ValueError) as e:  # TypeError: a scheduler state JSON cannot hold
+    except OSError as e:
+        return WrittenState(error=_naming(e, directory / SCALARS))
+    except (TypeError, ValueError) as e:  # a scheduler state JSON cannot hold
         return WrittenState(error=e)
     return WrittenState([directory / TENSORS, directory / SCALARS])
 

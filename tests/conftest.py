@@ -9,7 +9,9 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -44,8 +46,9 @@ def _free_port() -> int:
 # The files that start the most ranks, first: pytest-xdist hands each worker whole files
 # (--dist loadfile) in this order, so the long ones do not end up alone at the end.
 LONG_FILES = ("test_cluster_failures.py", "test_resume_world_size.py", "test_resume.py", "test_recipes.py",
-              "test_engine.py", "test_prune_zero3.py", "test_shared_scale.py", "test_train_cli.py",
-              "test_selection_cli.py", "test_model.py", "test_export.py")
+              "test_engine.py", "test_prune_zero3.py", "test_shared_scale.py", "test_compute_dtype.py",
+              "test_disk_full.py", "test_train_cli.py", "test_selection_cli.py", "test_fused_loss.py", "test_planner.py",
+              "test_model.py", "test_export.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
@@ -79,16 +82,18 @@ def run_ranks(script: str | Path, args: list[str], nproc: int = 2, timeout: int 
 
 
 def run_ranks_many(runs: list[list[str]], logs_dir: Path, nproc: int = 2, timeout: int = 1200,
-                   check: bool = True) -> list[subprocess.CompletedProcess]:
+                   check: bool = True, envs: list[dict] | None = None) -> list[subprocess.CompletedProcess]:
     """``launch/train.py`` with each argv of ``runs``, one after another, in one set of
     ``nproc`` rank processes (tests/workers/train_many.py: it saves the start of the
     processes, most of a tiny run). Returns one CompletedProcess per run: its exit code
     (``train.run_cli``'s, the same on every rank or the mismatch is an error) and rank 0's
-    output as ``stderr``. ``check``: every run must exit 0. For runs whose tests read what
-    they wrote or said; a test of how a fresh process behaves (fault injection, SIGKILL)
-    starts its own with :func:`run_ranks`."""
+    output as ``stderr`` (the others' are in ``logs_dir/run<I>.rank<R>``). ``check``: every run
+    must exit 0. ``envs``: each run's own additions to the environment (signal and error
+    injection, ``loradrop_ds.faults``). For runs whose tests read what they wrote or said; a test of how a
+    fresh process behaves (SIGKILL, another world size) starts its own with :func:`run_ranks`."""
     logs_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [{"argv": list(map(str, argv)), "log": str(logs_dir / f"run{i}")} for i, argv in enumerate(runs)]
+    jobs = [{"argv": list(map(str, argv)), "log": str(logs_dir / f"run{i}"), "env": (envs or [{}] * len(runs))[i]}
+            for i, argv in enumerate(runs)]
     (logs_dir / "jobs.json").write_text(json.dumps(jobs))
     run_ranks(REPO / "tests" / "workers" / "train_many.py", [str(logs_dir / "jobs.json")], nproc=nproc, timeout=timeout)
     results = []
@@ -102,25 +107,35 @@ def run_ranks_many(runs: list[list[str]], logs_dir: Path, nproc: int = 2, timeou
 
 
 def run_two_nodes(script: str | Path, args: list[list[str]], envs: list[dict] | None = None,
-                  timeout: int = 240, wait_for: tuple[int, ...] = (0, 1)) -> list[subprocess.CompletedProcess]:
+                  timeout: int = 240, wait_for: tuple[int, ...] = (0, 1), launcher_args: tuple[str, ...] = (),
+                  during=None) -> list[subprocess.CompletedProcess]:
     """Two launchers, as on two machines: ``torchrun --nnodes 2 --node_rank R
-    --nproc_per_node 1`` on the loopback address, each with its own arguments and
-    environment, so neither launcher can kill the other's rank. The nodes in
-    ``wait_for`` must end within ``timeout`` seconds (a rank left waiting for a failed one
-    would not); the others are killed then and their result has returncode None."""
+    --nproc_per_node 1 *launcher_args`` on the loopback address, each with its own arguments
+    and environment, so neither launcher can kill the other's rank. ``during(launchers)``, if
+    given, runs once both have started (to signal one, say). The nodes in ``wait_for`` must
+    end within ``timeout`` seconds (a rank left waiting for a failed one would not); the
+    others are killed then and their result has returncode None."""
     port = _free_port()
-    procs = []
+    procs, logs = [], []  # output to files, not pipes: nothing blocks on a full pipe while `during` runs
     for node, node_args in enumerate(args):
         env = subprocess_env()
         env.update((envs or [{}, {}])[node])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}", "--nproc_per_node=1",
-               "--master_addr=127.0.0.1", f"--master_port={port}", str(script), *node_args]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+               "--master_addr=127.0.0.1", f"--master_port={port}", *launcher_args, str(script), *node_args]
+        logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+
+    def result(node: int, code: int | None) -> subprocess.CompletedProcess:
+        for f in logs[node]:
+            f.seek(0)
+        return subprocess.CompletedProcess(procs[node].args, code, logs[node][0].read(), logs[node][1].read())
+
     results: list = [None, None]
     try:
+        if during is not None:
+            during(procs)
         for node in wait_for:
-            out, err = procs[node].communicate(timeout=timeout)
-            results[node] = subprocess.CompletedProcess(procs[node].args, procs[node].returncode, out, err)
+            results[node] = result(node, procs[node].wait(timeout=timeout))
     finally:
         for node, proc in enumerate(procs):
             if proc.poll() is None:
@@ -131,9 +146,11 @@ def run_two_nodes(script: str | Path, args: list[list[str]], envs: list[dict] | 
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+                    proc.wait()
             if results[node] is None:
-                out, err = proc.communicate()
-                results[node] = subprocess.CompletedProcess(proc.args, None, out, err)
+                results[node] = result(node, None)
+            for f in logs[node]:
+                f.close()
     return results
 
 
@@ -172,24 +189,26 @@ def finished_run(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-def assert_adapter_reproduces_run(model_dir, out_dir, tol: float = 1e-5) -> None:
-    """The run's saved adapter, reloaded in plain transformers + peft (fp32, one process, no
-    DeepSpeed), gives the logits the trained ZeRO-3 model gave on the first eval batch
-    (``train.save_probe_logits``) at every real token, within ``tol`` (summation order), and
-    they differ from the base model's: training changed something."""
+def assert_adapter_reproduces_run(model_dir, out_dir, tol: float = 1e-5, dtype: str = "float32",
+                                  rtol: Optional[float] = None) -> None:
+    """The run's saved adapter, reloaded in plain transformers + peft (on a ``dtype`` base, one
+    process, no DeepSpeed), gives the logits the trained ZeRO-3 model gave on the first eval
+    batch (``train.save_probe_logits``) at every real token, within ``tol`` (``rtol``: the
+    relative tolerance, ``tol`` unless given; summation order), and they differ from the base
+    model's: training changed something."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     probe = load_file(Path(out_dir) / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model = PeftModel.from_pretrained(base, Path(out_dir) / "adapter").eval()
     inputs = {"input_ids": probe["input_ids"], "attention_mask": probe["attention_mask"]}
     mask = probe["attention_mask"].bool()
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model(**inputs).logits.float()
         with model.disable_adapter():
-            base_logits = model(**inputs).logits
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=tol, atol=tol)
+            base_logits = model(**inputs).logits.float()
+    torch.testing.assert_close(logits[mask], probe["logits"][mask].float(), rtol=tol if rtol is None else rtol, atol=tol)
     assert (base_logits[mask] - probe["logits"][mask]).abs().max() > 1e-4

@@ -57,6 +57,12 @@ def _cli_case(case, tmp_path, tiny_model):
         return [f"deepspeed={ds}"], f"deepspeed={ds}: expected a JSON object of settings, got list"
     if case == "liger_on_cpu":  # Liger's kernels are Triton GPU kernels: refused before anything is read
         return ["model.liger=true"], "model.liger=true needs a CUDA device (Liger's kernels are Triton GPU kernels)"
+    if case == "leaf_modules_with_shared_lora":  # LoRA-drop ties a shared LoRA; leaf modules lose its gradient
+        ds = json.loads((REPO / "ds_configs" / "zero3_tiny.json").read_text())
+        ds["zero_optimization"]["leaf_module"] = {"classes": ["LlamaDecoderLayer"]}
+        path = tmp_path / "leaf.json"
+        path.write_text(json.dumps(ds))
+        return [f"deepspeed={path}"], f"deepspeed={path}: zero_optimization.leaf_module makes DeepSpeed reduce"
     if case == "encoder_decoder":
         from transformers import T5Config
 
@@ -78,7 +84,8 @@ def _cli_case(case, tmp_path, tiny_model):
 
 
 CLI_CASES = ["recipe_with_tab", "infinite_lr", "positional_template", "data_not_utf8", "row_lacks_column",
-             "deepspeed_not_object", "liger_on_cpu", "encoder_decoder", "truncated_weights", "tokenizer_too_big"]
+             "deepspeed_not_object", "liger_on_cpu", "leaf_modules_with_shared_lora", "encoder_decoder", "truncated_weights",
+             "tokenizer_too_big"]
 
 
 BEFORE = {"notes.txt": b"a day of 64 GPUs\n", "eval.csv": b"step,acc\n50,0.82\n"}

@@ -7,10 +7,16 @@ the collective timeout. An error on one rank only, at each point where a run che
 writes something, must end both ranks with exit code 2 and the same one-line message,
 long before that timeout (set to 10 minutes here; each test gives the pair 4)."""
 
+import json
+import signal
+import time
+
 import pytest
 from test_train_cli import tiny_args
 
 from conftest import REPO, run_two_nodes, worker_exit_code
+from loradrop_ds import preemption
+from loradrop_ds import run_checkpoint as ckpt
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -108,3 +114,42 @@ def test_a_rank_that_hangs_fails_the_others_after_the_collective_timeout(tiny_mo
     procs = run_two_nodes(TRAIN, args, [{}, {"LORADROP_TEST_FAIL_AT": "inputs:stall"}], timeout=120, wait_for=(0,))
     assert worker_exit_code(procs[0].stdout + procs[0].stderr) not in (None, 0)
     assert "timed out" in procs[0].stderr.lower() or "timeout" in procs[0].stderr.lower(), procs[0].stderr[-3000:]
+
+
+def test_a_signal_to_one_nodes_launcher_stops_both_ranks_at_the_same_step(tiny_model, tmp_path):
+    """Preemption through torchrun, as launch/slurm_train.sh starts it (``--signals-to-handle``
+    with SIGUSR1; torch 2.13's agent re-sends a signal it handles to its workers, then waits
+    ``--shutdown-timeout`` before SIGKILL). SIGUSR1 reaches node 1's launcher only, while its
+    rank waits after main step 2; node 0's rank is already in step 3's all-reduce. The flag
+    rides on that all-reduce, so both ranks checkpoint step 3 and exit with 75. Each launcher
+    then exits 1 (torchrun's code for a failed worker and for a signal it handled; it reports
+    the worker's 75 in its error report), so rank 0 leaves PREEMPTED.json in output_dir."""
+    out = tmp_path / "run"
+    metrics = out / "metrics.jsonl"
+
+    def signal_node_1_after_main_step_2(launchers):
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and not any(
+                '"stage": "main"' in line and '"step": 2,' in line and '"loss"' in line
+                for line in (metrics.read_text().splitlines() if metrics.is_file() else [])):
+            assert all(p.poll() is None for p in launchers), "a launcher ended before main step 2"
+            time.sleep(0.2)
+        launchers[1].send_signal(signal.SIGUSR1)
+
+    args = [tiny_args(tiny_model, out, "dist.timeout_minutes=10")] * 2
+    procs = run_two_nodes(TRAIN, args, [{}, {"LORADROP_TEST_AWAIT_SIGNAL_AT": "main:2"}],
+                          launcher_args=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                                         "--shutdown-timeout=120"), during=signal_node_1_after_main_step_2)
+    logs = [p.stdout + p.stderr for p in procs]
+    for node, log in enumerate(logs):
+        stop = [line for line in log.splitlines() if line.startswith("preempted: ")]
+        assert len(stop) == 1 and "after main step 3; checkpoint " in stop[0], (node, log[-4000:])
+        assert ("signals on this rank: SIGUSR1;" if node == 1 else "none (another rank was signalled)") in stop[0]
+        assert not worker_traceback(log)
+    assert [p.returncode for p in procs] == [1, 1]
+    assert worker_exit_code(logs[0]) == preemption.EXIT_CODE == 75
+    marker = json.loads((out / preemption.MARKER).read_text())
+    assert (marker["stage"], marker["step"], marker["signals"]) == ("main", 3, []), marker  # rank 0 was not signalled
+    (newest, state), *_ = ckpt.list_checkpoints(out)
+    assert newest.name == "main-step0000003" and (state.stage, state.step) == ("main", 3)
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()

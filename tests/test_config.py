@@ -93,3 +93,29 @@ def test_threshold_one_is_allowed():
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_preempt_signals_are_named_signals_that_only_set_a_flag():
+    """train.preempt_signals: catchable signal names only; installed, a signal only sets the
+    flag (repeats recorded, nothing raised); [] gives the previous handlers back."""
+    import os
+    import signal
+
+    from loradrop_ds import preemption
+
+    assert load_config(None).train.preempt_signals == ["SIGTERM", "SIGUSR1"]
+    assert load_config(None, ["train.preempt_signals=[]"]).train.preempt_signals == []
+    for bad in ("SIGKILL", "USR1", "SIGSEGV"):
+        with pytest.raises(ConfigError, match=rf"train.preempt_signals\[0\]: '{bad}' is not one of \['SIGTERM'"):
+            load_config(None, [f"train.preempt_signals=[{bad}]"])
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        preemption.install(["SIGUSR2"])
+        assert not preemption.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert preemption.requested() and preemption.received() == ["SIGUSR2", "SIGUSR2"]
+        preemption.install([])  # a later run without signals: the flag cleared, the handler restored
+        assert not preemption.requested() and signal.getsignal(signal.SIGUSR2) is before
+    finally:
+        signal.signal(signal.SIGUSR2, before)

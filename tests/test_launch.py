@@ -15,17 +15,20 @@ address, the whole LoRA-drop flow on a tiny model."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from test_train_cli import tiny_args
 
 from conftest import REPO, _free_port, subprocess_env
+from loradrop_ds import preemption
 
 SCRIPT = REPO / "launch" / "slurm_train.sh"
 RECIPE = "recipes/my recipe.yaml"  # a space in the path too
@@ -46,13 +49,16 @@ with open(os.path.join(os.environ["STANDIN_LOG"], "{name}.jsonl"), "a") as f:
 """
 
 SCONTROL = RECORDER + """\
+if sys.argv[1:] == ["requeue", os.environ["SLURM_JOB_ID"]]:
+    sys.exit(0)
 assert sys.argv[1:3] == ["show", "hostnames"], sys.argv
 print("\\n".join(os.environ["STANDIN_HOSTS"].split()))
 """
 
-# srun OPTIONS... COMMAND ARGS...: this stand-in accepts only --opt=value options.
+# srun OPTIONS... COMMAND ARGS...: this stand-in accepts only --opt=value options. As srun
+# does, it passes USR1 and TERM on to its tasks.
 SRUN = RECORDER + """\
-import subprocess
+import signal, subprocess
 args = sys.argv[1:]
 n_opts = next(i for i, a in enumerate(args) if not a.startswith("-"))
 opts = dict(a[2:].split("=", 1) for a in args[:n_opts])
@@ -65,7 +71,34 @@ for node in range(int(opts["nodes"])):  # all at once, as on separate nodes
     if "cpus-per-task" in opts:
         env["SLURM_CPUS_PER_TASK"] = opts["cpus-per-task"]
     tasks.append(subprocess.Popen(args[n_opts:], env=env, cwd=opts.get("chdir")))
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: [t.send_signal(signum) for t in tasks if t.poll() is None])
 sys.exit(max(task.wait() for task in tasks))
+"""
+
+# Stand-in for .venv/bin/torchrun. STANDIN_TORCHRUN=await-signal: it waits (up to 30 s) for
+# USR1 or TERM, and then does what the real one does with its ranks (tests/test_cluster_failures.py
+# runs that for real): rank 0, on node 0, writes the preemption marker, and torchrun exits 1.
+# STANDIN_TORCHRUN=fail: exits 1 at once (a run that failed).
+TORCHRUN = RECORDER + """\
+import signal, time
+mode, node = os.environ.get("STANDIN_TORCHRUN"), os.environ["SLURM_NODEID"]
+if mode == "fail":
+    sys.exit(1)
+if mode == "await-signal":
+    got = []
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
+    open(os.path.join(os.environ["STANDIN_LOG"], "ready" + node), "w").close()
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(os.path.join(os.environ["STANDIN_LOG"], "signals.jsonl"), "a") as f:
+        f.write(json.dumps({{"node": node, "signals": got}}) + "\\n")
+    if got and node == "0":
+        with open(os.environ["LORADROP_PREEMPTED_FILE"], "w") as f:
+            json.dump({{"exit_code": 75, "stage": "main", "step": 7, "signals": got}}, f)
+    sys.exit(1)
 """
 
 NVIDIA_SMI = {
@@ -98,10 +131,12 @@ def cluster(tmp_path):
     # What an unquoted lora.target_modules=[q_proj,v_proj] would glob to.
     (root / "lora.target_modules=q").write_text("")
     log.mkdir()
-    _executable(root / ".venv" / "bin" / "torchrun", RECORDER.format(python=sys.executable, name="torchrun"))
+    _executable(root / ".venv" / "bin" / "torchrun", TORCHRUN.format(python=sys.executable, name="torchrun"))
     _slurm_standins(bin_dir)
 
-    def run(args, env_updates=None, nvidia_smi=None):
+    def run(args, env_updates=None, nvidia_smi=None, send=None):
+        """``send``: a signal for the batch shell, once every node's stand-in torchrun waits for
+        one (STANDIN_TORCHRUN=await-signal), as SLURM sends --signal=B:USR1@120."""
         if nvidia_smi:  # first on PATH, ahead of a real one
             _executable(bin_dir / "nvidia-smi", NVIDIA_SMI[nvidia_smi])
         for f in log.iterdir():
@@ -119,9 +154,17 @@ def cluster(tmp_path):
                 env.pop(key, None)
             else:
                 env[key] = value
-        proc = subprocess.run(["bash", "launch/slurm_train.sh", *args], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=60)
-        records = {f.stem: [json.loads(line) for line in f.read_text().splitlines()] for f in log.iterdir()}
+        batch = subprocess.Popen(["bash", "launch/slurm_train.sh", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        if send is not None:
+            nodes = int(env["SLURM_JOB_NUM_NODES"])
+            deadline = time.monotonic() + 30
+            while len(list(log.glob("ready*"))) < nodes and batch.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            batch.send_signal(send)
+        stdout, stderr = batch.communicate(timeout=60)
+        proc = subprocess.CompletedProcess(batch.args, batch.returncode, stdout, stderr)
+        records = {f.stem: [json.loads(line) for line in f.read_text().splitlines()] for f in log.glob("*.jsonl")}
         return proc, records
 
     run.root = root
@@ -130,7 +173,8 @@ def cluster(tmp_path):
 
 def torchrun_argv(node, nproc=8, port=15000 + JOB_ID % 10000, nnodes=2, overrides=OVERRIDES):
     return [f"--nnodes={nnodes}", f"--node_rank={node}", f"--nproc_per_node={nproc}", f"--master_addr={HOSTS[0]}",
-            f"--master_port={port}", "launch/train.py", "--config", RECIPE, *overrides]
+            f"--master_port={port}", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+            "--shutdown-timeout=120", "launch/train.py", "--config", RECIPE, *overrides]
 
 
 def test_script_is_valid_bash():
@@ -238,6 +282,43 @@ def test_sbatch_options_come_first_and_the_log_needs_no_directory():
     (output,) = [line.split("=", 1)[1] for line in sbatch if line.startswith(("#SBATCH --output", "#SBATCH -o"))]
     assert "/" not in output, output
     assert "mkdir -p logs && sbatch --output=logs/%x-%j.out" in SCRIPT.read_text()
+
+
+def test_the_exit_code_of_a_preempted_run_is_the_one_the_python_side_uses():
+    (line,) = [line for line in SCRIPT.read_text().splitlines() if line.startswith("PREEMPTED_EXIT_CODE=")]
+    assert int(line.split("=", 1)[1]) == preemption.EXIT_CODE
+    assert re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", SCRIPT.read_text(), re.M)
+    assert "#SBATCH --requeue" in SCRIPT.read_text().splitlines()
+
+
+@pytest.mark.parametrize("sent", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_the_batch_shell_stops_the_run_and_usr1_requeues_the_job(cluster, sent):
+    """--signal=B:USR1@120 signals the batch shell only: the script passes the signal to srun,
+    srun to each node's torchrun (which passes it to its ranks: tests/test_cluster_failures.py),
+    rank 0 leaves the marker once the checkpoint is written, and the script requeues the job
+    (USR1, the time limit ahead) or leaves that to SLURM (TERM: preemption, scancel), exiting 75."""
+    marker = cluster.root / f".loradrop-preempted-{JOB_ID}.json"
+    marker.write_text("{}")  # left by an earlier part of the job: removed before srun starts
+    proc, rec = cluster([RECIPE], {"STANDIN_TORCHRUN": "await-signal"}, send=sent)
+    assert proc.returncode == preemption.EXIT_CODE == 75, (proc.stdout, proc.stderr)
+    # Every node's torchrun got the signal, once, and it went no further (no second srun).
+    assert sorted((r["node"], r["signals"]) for r in rec["signals"]) == [("0", [sent.name]), ("1", [sent.name])]
+    assert len(rec["srun"]) == 1 and len(rec["torchrun"]) == 2
+    requeues = [r["argv"] for r in rec["scontrol"] if r["argv"][0] == "requeue"]
+    assert requeues == ([["requeue", str(JOB_ID)]] if sent == signal.SIGUSR1 else [])
+    assert f"{sent.name.removeprefix('SIG')} received: asking the run to stop" in proc.stdout
+    assert 'the run stopped for preemption: {"exit_code": 75, "stage": "main", "step": 7' in proc.stdout
+    assert not marker.exists()  # read, then removed
+
+
+@pytest.mark.parametrize("torchrun", ["fail", "succeed"])
+def test_a_run_that_ends_without_the_marker_is_not_requeued(cluster, torchrun):
+    """A failed run (torchrun exits 1, no marker) keeps its exit code; a finished one exits 0;
+    neither is requeued, and a marker left by an earlier part of the job does not count."""
+    (cluster.root / f".loradrop-preempted-{JOB_ID}.json").write_text("{}")
+    proc, rec = cluster([RECIPE], {"STANDIN_TORCHRUN": "fail" if torchrun == "fail" else None})
+    assert proc.returncode == (1 if torchrun == "fail" else 0), (proc.stdout, proc.stderr)
+    assert [r["argv"][0] for r in rec["scontrol"]] == ["show"] and "preemption" not in proc.stdout
 
 
 def test_the_script_runs_the_whole_flow_on_two_loopback_nodes(tiny_model, tmp_path):

@@ -42,6 +42,10 @@ REAL_MODELS = {
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "meta-llama/Llama-2-13b-hf": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False),
     "meta-llama/Meta-Llama-3-70B": dict(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -158,7 +162,7 @@ def test_recipe_header_says_how_to_launch_on_what_hardware_in_how_much_memory(re
 def twin_architecture(real: dict) -> dict:
     """A 4-layer LLaMA with the real one's structure: heads per KV head, MLP ratio, tied
     embeddings, RoPE base, norm eps. Head size 16: 3/1, 4/4 and 8/1 heads give hidden sizes
-    48 (SmolLM2), 64 (Llama-2-7B) and 128 (Llama-3-70B)."""
+    48 (SmolLM2), 64 (Llama-2-7B and 13B) and 128 (Llama-3-70B)."""
     group = real["num_attention_heads"] // real["num_key_value_heads"]
     kv_heads = 1 if group > 1 else 4
     heads = group * kv_heads
@@ -268,7 +272,8 @@ def test_twins_keep_the_structure_of_the_real_models(twins):
             for name, c in ((n, AutoConfig.from_pretrained(t["model"])) for n, t in twins.items())}
     assert dims == {"default": (3, 1, 48, 128), "smollm2_plain_lora": (3, 1, 48, 128),
                     "smollm2_loraprune": (3, 1, 48, 128), "smollm2_allora": (3, 1, 48, 128),
-                    "llama2_7b_loradrop": (4, 4, 64, 172), "llama3_70b_loradrop": (8, 1, 128, 448)}
+                    "llama2_7b_loradrop": (4, 4, 64, 172), "llama2_13b_loradrop": (4, 4, 64, 173),
+                    "llama3_70b_loradrop": (8, 1, 128, 448)}
 
 
 def _twin_argv(twin: dict, out_dir: Path, checkpointing: bool) -> list[str]:

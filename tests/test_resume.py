@@ -3,15 +3,17 @@ mid-main-stage, resumed with resume=auto, end exactly as an uninterrupted run.""
 
 import json
 import logging
+import random
 import shutil
+from typing import Optional
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
+from loradrop_ds import preemption, training_state
 from loradrop_ds import run_checkpoint as ckpt
-from loradrop_ds import training_state
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -261,3 +263,79 @@ def test_settings_added_since_a_checkpoint_compare_as_their_defaults():
     assert ckpt.config_differences(saved, current) == []
     changed = config_lib.to_dict(config_lib.load_config(None, ["loradrop.shared_scale=vector"]))
     assert ckpt.config_differences(saved, changed) == ["loradrop.shared_scale: checkpoint 'none', now 'vector'"]
+
+
+# ------------------------------------------------------------------------------ preemption
+# A stop signal (train.preempt_signals) is delivered at a chosen point by loradrop_ds.faults
+# (LORADROP_TEST_SIGNAL_AT: the rank sends it to itself, where a scheduler's would arrive).
+# Every rank learns it at the next step's all-reduce, checkpoints that step and exits with
+# preemption.EXIT_CODE; the same command resumes. Two chains of runs through both stages,
+# each ending as the uninterrupted reference run, all in one set of rank processes
+# (run_ranks_many). The steps are drawn at random with a fixed seed, named in any failure.
+PREEMPT_SEED = 20260419
+
+
+def preempt_chains() -> list[tuple[str, dict, int, Optional[str]]]:
+    """(chain, signal injection, expected exit code, checkpoint the run stops at) per run."""
+    rng = random.Random(PREEMPT_SEED)
+    main_step, sampling_step = rng.randint(1, 4), rng.randint(1, 2)
+    a = {"LORADROP_TEST_SIGNAL": "SIGUSR1", "LORADROP_TEST_SIGNAL_RANK": "1"}  # rank 1 only
+    b = {"LORADROP_TEST_SIGNAL": "SIGTERM", "LORADROP_TEST_SIGNAL_RANK": "0"}  # rank 0 only
+    return [
+        # After sampling step 3: learned at step 4, the stage's last, so the run stops at the
+        # stage's end checkpoint (with the selection), before the rebuild.
+        ("A", {**a, "LORADROP_TEST_SIGNAL_AT": "sampling:3"}, 75, "sampling-step0000004"),
+        # After a random main step: every rank stops after the next one.
+        ("A", {**a, "LORADROP_TEST_SIGNAL_AT": f"main:{main_step}"}, 75, f"main-step{main_step + 1:07d}"),
+        # During the final save, after the last step boundary: the run finishes (exit 0).
+        ("A", {**a, "LORADROP_TEST_SIGNAL_AT": "save"}, 0, None),
+        # After a random sampling step: a mid-stage checkpoint, with the partial statistics.
+        ("B", {**b, "LORADROP_TEST_SIGNAL_AT": f"sampling:{sampling_step}"}, 75, f"sampling-step{sampling_step + 1:07d}"),
+        # Between the stages (during the selection): learned at main step 1.
+        ("B", {**b, "LORADROP_TEST_SIGNAL_AT": "selection"}, 75, "main-step0000001"),
+        # Twice in a row, to both ranks, while main-step0000004 is being written: the write
+        # completes, and every rank stops after step 5.
+        ("B", {"LORADROP_TEST_SIGNAL": "SIGTERM",
+               "LORADROP_TEST_SIGNAL_AT": "before-marker:main-step0000004,before-marker:main-step0000004"}, 75,
+         "main-step0000005"),
+        ("B", {}, 0, None),
+    ]
+
+
+@pytest.fixture(scope="module")
+def preempted_chains(tiny_model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("preempted")
+    runs = preempt_chains()
+    envs = [{**env, preemption.MARKER_ENV: str(tmp / f"run{i}.marker.json")} for i, (_, env, _, _) in enumerate(runs)]
+    procs = run_ranks_many([args(tiny_model, tmp / chain) for chain, _, _, _ in runs], tmp / "logs", check=False,
+                           envs=envs)
+    return tmp, runs, procs
+
+
+def test_preempted_runs_stop_together_and_resume_to_the_uninterrupted_one(preempted_chains, reference_run):
+    tmp, runs, procs = preempted_chains
+    for i, ((chain, env, code, checkpoint), proc) in enumerate(zip(runs, procs, strict=True)):
+        where = f"seed {PREEMPT_SEED}, run {i} (chain {chain}), {env}"
+        assert proc.returncode == code, (where, proc.stderr[-4000:])  # the same code on every rank (run_ranks_many)
+        marker = tmp / f"run{i}.marker.json"
+        if code == 0:
+            assert not marker.exists(), where
+            continue
+        # Every rank stopped after the same step, once that step's checkpoint was complete.
+        stage, step = checkpoint.split("-step")
+        for rank in (0, 1):
+            log = (tmp / "logs" / f"run{i}.rank{rank}").read_text()
+            assert f"preempted: stopped for preemption after {stage} step {int(step)}; checkpoint " in log, (where, rank)
+        record = json.loads(marker.read_text())
+        assert (record["exit_code"], record["stage"], record["step"]) == (75, stage, int(step)), (where, record)
+        assert record["checkpoint"] == str(tmp / chain / "checkpoints" / checkpoint), (where, record)
+        # The marker lists rank 0's signals: both of a repeated one.
+        sent = [env["LORADROP_TEST_SIGNAL"]] * len(env["LORADROP_TEST_SIGNAL_AT"].split(","))
+        assert record["signals"] == (sent if env.get("LORADROP_TEST_SIGNAL_RANK", "0") == "0" else []), (where, record)
+        resumed = procs[i + 1].stderr  # the next run of the chain resumed from exactly that checkpoint
+        assert "resuming from" in resumed and checkpoint in resumed, (where, resumed[-3000:])
+    save_signalled = (tmp / "logs" / "run2.rank1").read_text()
+    assert "SIGUSR1 after the last step boundary: the run finished instead" in save_signalled
+    assert preemption.EXIT_CODE == 75  # the documented code (docs/LAUNCHING.md)
+    assert_same_run(tmp / "A", reference_run)
+    assert_same_run(tmp / "B", reference_run)

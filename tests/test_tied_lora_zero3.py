@@ -1,8 +1,11 @@
 """A 2-rank ZeRO-3 step with a tied shared LoRA against a single-process fp32
-reference without DeepSpeed on the same data and initialisation."""
+reference without DeepSpeed on the same data and initialisation; the same step with
+torch's linear instead of DeepSpeed's (``memory_efficient_linear``), and with every decoder
+layer a ZeRO-3 leaf module (what ``load_ds_config`` refuses)."""
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -62,11 +65,28 @@ def expected_trainable(model_dir, r: int, modules: list[str]) -> int:
     return (len(KEPT) + 1) * per_layer
 
 
-def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
-    run_ranks(REPO / "tests" / "workers" / "tied_step.py", [str(tiny_model), str(tmp_path)])
-    grads = load_file(tmp_path / "grads.safetensors")
-    params = load_file(tmp_path / "params.safetensors")
-    meta = torch.load(tmp_path / "meta.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def tied_runs(tiny_model, tmp_path_factory):
+    """The worker's three modes in one set of rank processes (``mel-off`` first: DeepSpeed's
+    linear, once installed, stays for the process), each with a reduce bucket of 1 element,
+    so every gradient is reduced as soon as the next one arrives: a reduction between two
+    uses of the shared LoRA shows."""
+    out = tmp_path_factory.mktemp("tied")
+    run_ranks(REPO / "tests" / "workers" / "tied_step.py", [str(tiny_model), str(out), "mel-off", "default", "leaf"])
+    return out
+
+
+def _outputs(run_dir):
+    return (load_file(run_dir / "grads.safetensors"), load_file(run_dir / "params.safetensors"),
+            torch.load(run_dir / "meta.pt", weights_only=True))
+
+
+SHARED_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+
+
+def test_tied_lora_step_matches_single_process_reference(tiny_model, tied_runs):
+    grads, params, meta = _outputs(tied_runs / "default")
+    assert meta["deepspeed_linear"] is True  # "auto" on 2 ranks without recomputation
 
     ref_losses, ref_grads, ref_params = reference_step(tiny_model)
     assert meta["losses"] == [pytest_approx(loss) for loss in ref_losses]
@@ -77,7 +97,7 @@ def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
     assert meta["trainable"] == trainable
     assert meta["optimizer_numel"] >= trainable and meta["optimizer_numel"] - trainable < 64  # ZeRO pads partitions
     assert set(grads) == set(ref_grads)
-    shared_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    shared_a = SHARED_A
     assert shared_a in grads and ref_grads[shared_a].abs().sum() > 0  # the shared LoRA trains
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
@@ -88,6 +108,50 @@ def test_tied_lora_step_matches_single_process_reference(tiny_model, tmp_path):
         torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     # The tie survives the step: layers 0 and 2 hold the same shared values.
     torch.testing.assert_close(params[shared_a], params[shared_a.replace("layers.0", "layers.2")], rtol=0, atol=0)
+
+
+def test_torch_linear_trains_exactly_as_deepspeeds(tiny_model, tied_runs):
+    """memory_efficient_linear decides what autograd holds between forward and backward,
+    not the numbers: the step with torch's F.linear gives the losses, gradients and updated
+    parameters of the step with DeepSpeed's linear (and of the reference)."""
+    grads, params, meta = _outputs(tied_runs / "mel-off")
+    ds_grads, ds_params, ds_meta = _outputs(tied_runs / "default")
+    assert meta["deepspeed_linear"] is False and ds_meta["deepspeed_linear"] is True  # each ran the linear it asked for
+    assert meta["losses"] == [pytest_approx(loss) for loss in ds_meta["losses"]]
+    assert grads.keys() == ds_grads.keys() and params.keys() == ds_params.keys()
+    for name in ds_grads:
+        torch.testing.assert_close(grads[name], ds_grads[name], rtol=1e-6, atol=1e-8, msg=lambda m, n=name: f"{n}: {m}")
+    for name in ds_params:
+        torch.testing.assert_close(params[name], ds_params[name], rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    _, ref_grads, _ = reference_step(tiny_model)
+    for name, ref in ref_grads.items():
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_leaf_modules_leave_the_shared_lora_without_its_gradient(tiny_model, tied_runs):
+    """Why load_ds_config refuses leaf modules with a tied shared LoRA: with every decoder
+    layer a leaf module, DeepSpeed files the shared parameter under layer 2 (the last shared
+    layer registered) and reduces it when layer 2's backward ends. Autograd accumulates a
+    parameter used twice once, after its last use (layer 0), so DeepSpeed finds no .grad
+    then and reduces zeros; once the bucket is reduced, the real gradient lands in a .grad
+    that nothing reduces. The optimizer's shared gradient is zero where the reference's is
+    not; the kept layers' own LoRAs are right. A control: if a DeepSpeed release fixes this,
+    this test says so, and the refusal (engine._refuse_leaf_modules_with_shared_lora) may go."""
+    import deepspeed
+
+    grads, _, meta = _outputs(tied_runs / "leaf")
+    assert meta["leaf_modules"] == 4  # the 4 decoder layers
+    _, ref_grads, _ = reference_step(tiny_model)
+    shared = sorted(n for n in ref_grads if ".layers.0." in n or ".layers.2." in n)
+    assert len(shared) == 6 and all(".layers.0." in n for n in shared)  # A and B of 3 modules, named after layer 0
+    assert meta["unreduced"] == shared  # the real gradient: left in .grad after backward
+    for name in shared:
+        assert ref_grads[name].norm() > 0
+        assert torch.count_nonzero(grads[name]) == 0, (
+            f"{name}: deepspeed {deepspeed.__version__} reduces a shared parameter's gradient in leaf modules; "
+            "check it against the reference and lift the refusal")
+    for name in set(ref_grads) - set(shared):  # the kept layers 1 and 3
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def pytest_approx(x):

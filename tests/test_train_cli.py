@@ -87,6 +87,8 @@ def test_two_rank_run_writes_an_adapter_that_plain_peft_reloads(tiny_model, runs
         else:
             assert rates.get("mfu") is None
     assert summary["main"]["tokens_per_s_per_rank"] > 0 and summary["main"]["peak_memory_gib"] > 0
+    # The start-up check's estimate beside the measured peak: on CPU the rank's tensors, below its RSS.
+    assert 0 < summary["main"]["planned_peak_gib"] < summary["main"]["peak_memory_gib"]
     assert "model FLOPs 4N + 6·L·d·Σn²" in log and "main stage per GPU:" in log
     assert summary["trainable_params"] < summary["plain_lora_params"]
     assert "eval_accuracy" in summary["final"]
@@ -157,8 +159,6 @@ def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, runs):
     """The GPU precision path on CPU: a bf16 base (DeepSpeed bf16, gradients reduced in
     fp32), adapters kept in fp32, through the whole CLI; the adapter reloads in plain peft
     on a bf16 base to the trained model's logits (bf16 tolerance)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     out, _ = runs["bf16"]
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -166,13 +166,7 @@ def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, runs):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     main_losses = [r["loss"] for r in records if r["stage"] == "main" and "loss" in r]
     assert len(main_losses) == 4 and main_losses[-1] < main_losses[0]
-    probe = load_file(out / "probe_logits.safetensors")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
-    mask = probe["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=0.02, atol=0.05)
+    assert_adapter_reproduces_run(tiny_model, out, tol=0.05, dtype="bfloat16", rtol=0.02)
 
 
 def test_the_base_weights_are_read_once(tiny_model, tmp_path):

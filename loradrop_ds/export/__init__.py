@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..atomic import staged_dir
+from ..disk_full import DiskFullError, disk_full_reported
 from .card import BUILTIN_HUB_IDS, HUB_ID, check_card_metadata, hub_base_model, model_card
 from .compact import COMPACT_WEIGHTS, SHARING_MAP, _write_compact, check_shares, load_compact
 from .errors import ExportError
@@ -128,8 +129,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
     except OSError as e:
         _remove_empty(created)
         raise ExportError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from e
+    no_space = f"free space or choose another --out; nothing was written to {out}"
     try:
-        with staged_dir(out) as tmp:  # an empty ``out`` (checked above) is replaced whole
+        with disk_full_reported(out, lambda: no_space), staged_dir(out) as tmp:  # an empty ``out`` is replaced whole
             if spec.merges:
                 _write_merged(plan, tmp, pruned)
             else:
@@ -139,6 +141,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "peft",
             if src.selection is not None:
                 (tmp / "selection.json").write_text(src.selection.to_json())
             (tmp / "README.md").write_text(card)
+    except DiskFullError as e:  # the staged copy is removed: ``out`` is as it was
+        _remove_empty(created)
+        raise ExportError(str(e)) from e
     except BaseException:
         _remove_empty(created)
         raise

@@ -6,9 +6,11 @@ each formula says where it comes from: a DeepSpeed 0.19.8 source file (``deepspe
 zero/...``, read in this project's .venv), the transformers 5.x / peft 0.21 forward code, or
 the activation-counting method of Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", its per-layer activation count: every tensor
-autograd saves for the backward pass), applied to a LLaMA decoder layer with a frozen base and LoRA on it.
-The per-layer activation count is checked in tests/test_planner.py against the tensors
-autograd really saves on a tiny model.
+autograd saves for the backward pass), applied to a LLaMA decoder layer with a frozen base and LoRA on it,
+as DeepSpeed runs it (its ``memory_efficient_linear`` saves every Linear's input).
+The activation estimate is checked in tests/test_planner.py against one real ZeRO-3 training step
+(zero.Init, peft, the engine) on a CPU rank: the tensors autograd saves and the allocator's peak;
+docs/PLANNER.md has the tolerances, the numbers and the comparison with GPU runs.
 
 Stages: the sampling stage has LoRA in every layer; the main stage has the kept layers' LoRA
 plus one shared LoRA per module type. Which layers are kept is only known after sampling, so
@@ -28,7 +30,7 @@ The modules, in the order each builds on the last:
 * ``run_spec``: ``ZeroSettings`` (from the DeepSpeed config) and ``RunSpec`` (from a recipe).
 * ``zero3_rules``: how ZeRO-3 partitions, persists and gathers parameters.
 * ``activations``: the bytes a decoder layer saves for backward; the micro-batch's peak.
-* ``calibration``: the allowances, ``NOT_COUNTED`` and the peft anchor the estimate is checked against.
+* ``calibration``: the allowances, ``NOT_COUNTED`` and the peft anchor the estimate is compared with.
 * ``stage_estimate``: every row of a stage (``StageEstimate``) and the ``MemoryPlan`` of a run.
 * ``memory_check``: the fit against a machine, the fix to suggest, ``check_memory``.
 * ``table``: ``format_plan``, the table launch/plan.py prints.
@@ -43,11 +45,16 @@ from __future__ import annotations
 from ..model_dims import KNOWN_MODEL_CONFIGS, ModelDims, dims_from_config, read_model_config, read_model_dims
 from ..sizes import parse_size
 from .activations import (
+    LINEAR_INPUTS,
     Activations,
     activation_estimate,
     backward_workspace_bytes_per_token,
+    head_saved_bytes_per_token,
     layer_activation_bytes_per_token,
+    layer_saved_tensors,
+    liger_loss_chunk_tokens,
     lora_activation_bytes_per_token,
+    lora_weight_cast_bytes_per_layer,
 )
 from .calibration import (
     ALLOCATOR_RESERVE_FRACTION,
@@ -60,7 +67,12 @@ from .calibration import (
     peft_anchor_spec,
 )
 from .memory_check import check_memory, explain_misfit, host_memory_bytes, plan_for_config, ranks_per_node
-from .run_spec import RunSpec, ZeroSettings, resolve_planned_attention, spec_from_config
+from .run_spec import (
+    RunSpec,
+    ZeroSettings,
+    resolve_planned_attention,
+    spec_from_config,
+)
 from .stage_estimate import (
     PRUNE_SCRATCH_BLOCKS,
     MemoryPlan,
@@ -74,7 +86,15 @@ from .stage_estimate import (
 )
 from .table import format_plan
 from .units import DTYPE_BYTES, GiB, gib, size
-from .zero3_rules import gathered_numel, hpz_secondary_bytes, is_persistent, partition_numel, zero3_param_bytes
+from .zero3_rules import (
+    gathered_numel,
+    gathers_alias_partitions,
+    hpz_secondary_bytes,
+    is_persistent,
+    offloaded_numel,
+    partition_numel,
+    zero3_param_bytes,
+)
 
 __all__ = [
     # units
@@ -84,10 +104,12 @@ __all__ = [
     # run_spec
     "RunSpec", "ZeroSettings", "resolve_planned_attention", "spec_from_config",
     # zero3_rules
-    "gathered_numel", "hpz_secondary_bytes", "is_persistent", "partition_numel", "zero3_param_bytes",
+    "gathered_numel", "gathers_alias_partitions", "hpz_secondary_bytes", "is_persistent", "offloaded_numel",
+    "partition_numel", "zero3_param_bytes",
     # activations
-    "Activations", "activation_estimate", "backward_workspace_bytes_per_token", "layer_activation_bytes_per_token",
-    "lora_activation_bytes_per_token",
+    "LINEAR_INPUTS", "Activations", "activation_estimate", "backward_workspace_bytes_per_token",
+    "head_saved_bytes_per_token", "layer_activation_bytes_per_token", "layer_saved_tensors", "liger_loss_chunk_tokens",
+    "lora_activation_bytes_per_token", "lora_weight_cast_bytes_per_layer",
     # calibration
     "ALLOCATOR_RESERVE_FRACTION", "CUDA_RUNTIME_BYTES", "HOST_RUNTIME_BYTES_CPU", "HOST_RUNTIME_BYTES_GPU",
     "NOT_COUNTED", "PEFT_ANCHOR_BYTES", "SAFETY_MARGIN", "peft_anchor_spec",

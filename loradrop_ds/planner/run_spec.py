@@ -25,6 +25,14 @@ def _positive_int(zero: dict, keys: tuple[str, ...], default: int) -> int:
     return default
 
 
+def _bool(zero: dict, key: str, default: bool) -> bool:
+    value = zero.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"zero_optimization.{key}={value!r}: expected true or false (\"auto\" is resolved from the "
+                          "recipe and the world size first: loradrop_ds.engine.load_ds_config)")
+    return value
+
+
 def _offload_device(zero: dict, key: str) -> Optional[str]:
     section = zero.get(key) or {}
     device = section.get("device", "none") if isinstance(section, dict) else "none"
@@ -50,6 +58,8 @@ class ZeroSettings:
     communication_data_type: Optional[str] = None
     # None: the model dtype (engine.get_data_types: grad_accum_dtype defaults to model_dtype)
     grad_accum_dtype: Optional[str] = None
+    # zero.Init's replacement of F.linear, which saves every Linear's input (DeepSpeed's default: true)
+    memory_efficient_linear: bool = True
 
     @classmethod
     def from_ds_config(cls, ds: dict) -> ZeroSettings:
@@ -72,6 +82,7 @@ class ZeroSettings:
             offload_optimizer=_offload_device(zero, "offload_optimizer"),
             communication_data_type=ds.get("communication_data_type"),
             grad_accum_dtype=(ds.get("data_types") or {}).get("grad_accum_dtype"),
+            memory_efficient_linear=_bool(zero, "memory_efficient_linear", d.memory_efficient_linear),
         )
 
 
@@ -97,6 +108,10 @@ class RunSpec:
     # peft keeps adapters in fp32 on a half-precision base (autocast_adapter_dtype) and
     # DeepSpeed 0.19.8 leaves them fp32 on a ZeRO-Init model (ds_configs/README.md).
     lora_dtype: str = "float32"
+    # lora.compute_dtype: the dtype the LoRA matmuls run in (None: the adapters' own, lora_dtype)
+    lora_compute_dtype: Optional[str] = None
+    # model.liger on CUDA: Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy
+    liger: bool = False
     loradrop: bool = True  # false: plain LoRA, one stage
     kept_fraction: float = 1.0  # main stage: fraction of layers (or pairs) keeping their own LoRA
     train_shared: bool = True
@@ -104,6 +119,10 @@ class RunSpec:
     # target modules it scores; 0 and () without pruning.
     prune_layers: int = 0
     prune_modules: tuple[str, ...] = ()
+
+    @property
+    def compute_dtype(self) -> str:
+        return self.lora_compute_dtype or self.lora_dtype
 
     @property
     def tokens_per_micro_batch(self) -> int:
@@ -131,6 +150,7 @@ def spec_from_config(cfg: Config, dims: ModelDims, world_size: int, gpus_per_nod
         raise ConfigError(f"world size {world_size} and GPUs per node {gpus_per_node} must be >= 1")
     if not 0.0 <= kept_fraction <= 1.0:
         raise ConfigError(f"kept fraction must be in [0, 1], got {kept_fraction}")
+    # load_ds_config also resolves memory_efficient_linear's "auto" (engine.memory_efficient_linear_auto).
     ds_config = load_ds_config(cfg, world_size, SizeHints.for_model(dims, cfg.lora.r))
     attn = attn_implementation or resolve_planned_attention(cfg.model.attn_implementation, device, cfg.model.dtype)
     prune_layers, prune_modules = 0, ()
@@ -142,6 +162,7 @@ def spec_from_config(cfg: Config, dims: ModelDims, world_size: int, gpus_per_nod
     return RunSpec(
         model=dims, world_size=world_size, gpus_per_node=min(gpus_per_node, world_size), device=device,
         dtype=cfg.model.dtype, lora_r=cfg.lora.r, lora_dropout=cfg.lora.dropout,
+        lora_compute_dtype=cfg.lora.compute_dtype, liger=cfg.model.liger and device == "cuda",
         target_modules=tuple(cfg.lora.target_modules), micro_batch_size=cfg.train.micro_batch_size,
         grad_accum=cfg.train.grad_accum, seq_len=cfg.data.max_seq_len, packing=cfg.data.packing,
         gradient_checkpointing=cfg.model.gradient_checkpointing,

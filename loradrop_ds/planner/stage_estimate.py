@@ -4,7 +4,7 @@ against the memory of a machine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..prune_zero3 import CHUNK_ELEMENTS
@@ -18,7 +18,14 @@ from .calibration import (
 )
 from .run_spec import RunSpec
 from .units import DTYPE_BYTES
-from .zero3_rules import gathered_numel, hpz_secondary_bytes, is_persistent, partition_numel, zero3_param_bytes
+from .zero3_rules import (
+    gathered_numel,
+    hpz_secondary_bytes,
+    is_persistent,
+    offloaded_numel,
+    partition_numel,
+    zero3_param_bytes,
+)
 
 
 def lora_matrix_numels(spec: RunSpec, stage: str) -> tuple[list[int], list[int]]:
@@ -60,6 +67,9 @@ def prune_update_bytes(spec: RunSpec) -> int:
     return 3 * 4 * per_layer * spec.prune_layers + PRUNE_SCRATCH_BLOCKS * 4 * block
 
 
+ALLOCATOR_ROW, CUDA_RUNTIME_ROW = "allocator reserve", "CUDA context + NCCL"  # allowances, not tensors
+
+
 @dataclass(frozen=True)
 class StageEstimate:
     """Bytes of one stage: per GPU (or per rank on CPU) and per node of host RAM."""
@@ -72,14 +82,30 @@ class StageEstimate:
     activations_ckpt_off: int
     host_rows: dict[str, int]  # per node (the node of global rank 0, which reads the checkpoint)
     host_reclaimable: int  # page cache while rank 0 maps the checkpoint: shown, not required
+    # the activations with LoRA computing in the other dtype (other_compute_dtype); None if there is none
+    activations_other_compute: Optional[int] = None
 
     @property
     def device_total(self) -> int:
         return sum(self.device_rows.values())
 
     @property
+    def tensor_bytes(self) -> int:
+        """The tensors alone, without the allowances for the allocator and the CUDA runtime: what
+        ``torch.cuda.max_memory_allocated`` measures (the figure a run logs beside its own peak)."""
+        return self.device_total - self.device_rows.get(ALLOCATOR_ROW, 0) - self.device_rows.get(CUDA_RUNTIME_ROW, 0)
+
+    @property
     def host_total(self) -> int:
         return sum(self.host_rows.values())
+
+
+def other_compute_dtype(spec: RunSpec) -> Optional[str]:
+    """The lora.compute_dtype a bf16 run could switch to (the table shows its activations too);
+    None on an fp32 base, where LoRA computes in fp32 only."""
+    if spec.dtype != "bfloat16":
+        return None
+    return "float32" if spec.compute_dtype == "bfloat16" else "bfloat16"
 
 
 def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
@@ -98,9 +124,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     # LoRA: persistent matrices whole on every rank, plus every matrix's partition (the
     # trainable ones in the flat ``lp_param_buffer``, stage3.py
     # ``_create_fp16_partitions_with_defragmentation``).
-    lora_resident = sum(n * lb for n in all_lora if is_persistent(n, zero))
+    lora_resident = 0 if world == 1 else sum(n * lb for n in all_lora if is_persistent(n, zero))
     lora_partitions = sum(partition_numel(n, world) * lb for n in all_lora)
-    base_partitions = sum(partition_numel(n, world) * a for n in model.param_numels)
     # Gradients: the flat partition buffer in the grad-accumulation dtype (stage3.py
     # ``_setup_for_real_optimizer``: ``grad_partitions_flat_buffer``; the model dtype unless
     # data_types.grad_accum_dtype says otherwise, engine.get_data_types) and the reduce
@@ -120,6 +145,9 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     on = activation_estimate(spec, checkpointing=True).peak
     off = activation_estimate(spec, checkpointing=False).peak
     activations = on if spec.gradient_checkpointing else off
+    other_compute = other_compute_dtype(spec)
+    activations_other_compute = (activation_estimate(replace(spec, lora_compute_dtype=other_compute)).peak
+                                 if other_compute else None)
 
     device_rows = {"frozen base shard": base, "hpZ secondary shard": secondary, "gathered working set": gathered,
                    "LoRA parameters": lora_resident + lora_partitions, "LoRA gradients + reduce bucket": grads,
@@ -133,10 +161,12 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
         # Partitions live in (pinned) host memory (partition_parameters.py ``_partition_param``:
         # ``device = self.remote_device``, except persistent parameters, which stay on the
         # device); the secondary hpZ partition too. Gathered copies still come to the GPU.
-        offloaded += base_partitions + secondary + lora_partitions
-        device_rows["frozen base shard"] = base - base_partitions
+        base_offloaded = offloaded_numel(model.param_numels, world, zero) * a
+        lora_offloaded = offloaded_numel(all_lora, world, zero) * lb
+        offloaded += base_offloaded + secondary + lora_offloaded
+        device_rows["frozen base shard"] = base - base_offloaded
         device_rows["hpZ secondary shard"] = 0
-        device_rows["LoRA parameters"] = lora_resident
+        device_rows["LoRA parameters"] = lora_resident + lora_partitions - lora_offloaded
     if zero.offload_optimizer:  # master, moments and grad partitions on the host; the bucket stays
         offloaded += optimizer + trainable_partitions * grad_b
         device_rows["AdamW state (fp32)"] = 0
@@ -145,8 +175,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
         offloaded = 0  # on NVMe, not in RAM (its staging buffers are not counted)
     if spec.device == "cuda":
         tensors = sum(device_rows.values())
-        device_rows["allocator reserve"] = int(ALLOCATOR_RESERVE_FRACTION * tensors)
-        device_rows["CUDA context + NCCL"] = CUDA_RUNTIME_BYTES
+        device_rows[ALLOCATOR_ROW] = int(ALLOCATOR_RESERVE_FRACTION * tensors)
+        device_rows[CUDA_RUNTIME_ROW] = CUDA_RUNTIME_BYTES
 
     ranks = min(spec.gpus_per_node, world)
     if spec.device == "cuda":
@@ -161,7 +191,8 @@ def stage_estimate(spec: RunSpec, stage: str) -> StageEstimate:
     checkpoint = model.total_params * DTYPE_BYTES.get(model.checkpoint_dtype or spec.dtype, a)
     return StageEstimate(stage=stage, lora_params=sum(all_lora), trainable_params=sum(trainable),
                          device_rows=device_rows, activations_ckpt_on=on, activations_ckpt_off=off,
-                         host_rows=host_rows, host_reclaimable=checkpoint)
+                         host_rows=host_rows, host_reclaimable=checkpoint,
+                         activations_other_compute=activations_other_compute)
 
 
 def stages_of(spec: RunSpec) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .calibration import NOT_COUNTED, SAFETY_MARGIN
 from .memory_check import explain_misfit
-from .stage_estimate import MemoryPlan
+from .stage_estimate import MemoryPlan, other_compute_dtype
 from .units import gib, size
 
 
@@ -19,13 +19,16 @@ def format_plan(plan: MemoryPlan, recipe: str = "") -> str:
         f"hidden {model.hidden_size}, vocab {model.vocab_size}",
         f"run      {recipe + ': ' if recipe else ''}{spec.world_size} {unit}s ({spec.nodes} node"
         f"{'s' if spec.nodes > 1 else ''} x {spec.gpus_per_node}), {spec.dtype} base, {spec.lora_dtype} LoRA r={spec.lora_r} "
-        f"on {','.join(spec.target_modules)}, {spec.attn_implementation}",
+        f"on {','.join(spec.target_modules)} computing in {spec.compute_dtype}, {spec.attn_implementation}"
+        + (", Liger kernels" if spec.liger else ""),
         f"tokens   micro-batch {spec.micro_batch_size} x {spec.seq_len} = {spec.tokens_per_micro_batch} per {unit} "
         f"({'packed: rows full' if spec.packing else 'unpacked: upper bound, rows pad to the longest'}), "
         f"activation checkpointing {'on' if spec.gradient_checkpointing else 'off'}",
         f"zero-3   prefetch {spec.zero.prefetch_bucket_size:.3g}, persistence {spec.zero.param_persistence_threshold:.3g}, "
         f"max live {spec.zero.max_live_parameters:.3g}, reuse {spec.zero.max_reuse_distance:.3g}, "
-        f"reduce bucket {spec.zero.reduce_bucket_size:.3g}"
+        f"reduce bucket {spec.zero.reduce_bucket_size:.3g}, "
+        f"{'DeepSpeed' if spec.zero.memory_efficient_linear else 'torch'}'s linear (memory_efficient_linear="
+        f"{str(spec.zero.memory_efficient_linear).lower()})"
         + (f", hpZ {spec.zero.hpz_partition_size}" if spec.zero.hpz_partition_size > 1 else "")
         + (f", offload param {spec.zero.offload_param}" if spec.zero.offload_param else "")
         + (f", offload optimizer {spec.zero.offload_optimizer}" if spec.zero.offload_optimizer else ""),
@@ -56,6 +59,9 @@ def format_plan(plan: MemoryPlan, recipe: str = "") -> str:
             lines.append(row(f"  [with checkpointing {other}: not in total]",
                              [size(s.activations_ckpt_off if spec.gradient_checkpointing else s.activations_ckpt_on)
                               for s in plan.stages]))
+            if plan.stages[0].activations_other_compute is not None:
+                lines.append(row(f"  [lora.compute_dtype={other_compute_dtype(spec)}: not in total]",
+                                 [size(s.activations_other_compute or 0) for s in plan.stages]))
     lines.append(row(f"total per {unit}", [size(s.device_total) for s in plan.stages]))
     if plan.device_memory is not None:
         lines.append(row(f"usable per {unit} ({gib(plan.device_memory)} - {SAFETY_MARGIN:.0%})",
