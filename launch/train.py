@@ -15,6 +15,7 @@ definition -> category task). The story, top to bottom, one function each:
 3. selection   statistics all-reduced; rank 0 keeps the layers carrying `threshold` of
                the importance (or what fits `param_budget`, or a baseline's choice) and
                sends it to every rank, which checks it holds the same one
+               (selection=share_all keeps none and skips the sampling stage)
 4. rebuild     the sampling engine is released but its ZeRO-3-partitioned base kept; its
                LoRA is replaced by fresh kept LoRAs and one shared LoRA per module type,
                and a new engine is built on the same base (no second read of it)
@@ -61,7 +62,8 @@ from loradrop_ds.importance import (
     Selection,
     compute_selection,
     rank_correlation,
-    selection_settled,
+    sampling_settled,
+    share_all_selection,
     sharing_plan,
 )
 from loradrop_ds.lora import (
@@ -162,8 +164,8 @@ def sampling_stage(run: Run) -> Sampling:
             now = current_selection(run, sampling, f"selection check at step {step}")
             sampling.history.append({"step": step, "kept": now.kept if now else None,
                                      "scores": (now.scores or now.raw_sums) if now else None})
-            settled = auto and selection_settled([h["kept"] for h in sampling.history if h["kept"] is not None],
-                                                 drop.auto_patience)
+            settled = auto and sampling_settled(sampling.history, drop.auto_stop, drop.auto_patience,
+                                                drop.auto_min_rank_correlation)
             if settled:
                 break
         if ((cfg.train.save_every and step % cfg.train.save_every == 0) or stage.preempted) and step != max_steps:
@@ -218,6 +220,15 @@ def select_layers(run: Run, sampling: Sampling) -> Selection:
              selection.granularity, selection.method, sampling.steps, selection.kept_layers)
     run.save_checkpoint(sampling.engine, "sampling", sampling.steps, sampling.batches, selection,
                         stats=sampling.recorder.stats)
+    return selection
+
+
+def share_all(run: Run) -> Selection:
+    """loradrop.selection=share_all: every layer uses the shared LoRA; no sampling stage."""
+    drop = run.cfg.loradrop
+    selection = share_all_selection(run.inputs.dims.num_layers, run.cfg.lora.target_modules, drop.granularity,
+                                    drop.threshold, run.inputs.costs)
+    log.info("share_all: all %d layers use one shared LoRA per module type (no sampling stage)", selection.num_layers)
     return selection
 
 
@@ -357,6 +368,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         selection = Selection.from_dict(run.resumed.selection)
         if run.cfg.loradrop.warm_start and run.resumed.stage == "sampling":
             warm_state = adapter_as_module_state(run.resume_path / "adapter")
+    elif run.cfg.loradrop.enabled and run.cfg.loradrop.selection == "share_all":
+        selection = share_all(run)
     elif run.cfg.loradrop.enabled:
         sampling = sampling_stage(run)
         selection = select_layers(run, sampling)

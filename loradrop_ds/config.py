@@ -23,7 +23,7 @@ import yaml
 # These four import no other project module (no cycle; preemption only atomic.py) and only
 # torch/tqdm: importing config starts no process group and imports neither deepspeed nor
 # loradrop_ds.distributed.
-from .importance import GRANULARITIES, SELECTION_METHODS
+from .importance import AUTO_STOPS, GRANULARITIES, SELECTION_METHODS
 from .metrics import TRACKERS
 from .preemption import SIGNALS as PREEMPT_SIGNALS
 from .prune_algorithm import ATTN_MODULES, MLP_MODULES
@@ -118,16 +118,23 @@ class LoraDropConfig:
     sample_ratio: float = 0.1  # alpha: fraction of the training set used for sampling
     # Optimizer steps in the sampling stage, or "auto": every auto_check_every steps the
     # selection is computed from the all-reduced statistics, and the stage stops once it
-    # has not changed for auto_patience checks in a row (at auto_max_steps at the latest).
+    # has settled for auto_patience checks in a row (at auto_max_steps at the latest).
     sampling_steps: Union[int, Literal["auto"]] = 10
     auto_check_every: int = 2
     auto_patience: int = 3
     auto_max_steps: int = 50
+    # What "settled" means: kept_set (the kept items did not change) or ranking (each check's
+    # scores rank the items like the check before: Spearman correlation >= auto_min_rank_correlation;
+    # the count, budget or T then applies to the last check's ranking).
+    auto_stop: Literal[AUTO_STOPS] = "kept_set"
+    auto_min_rank_correlation: float = 0.99
     sampling_lr: Optional[float] = None  # defaults to train.lr
     # How items are ranked for keeping: output_norm (the paper's: the LoRA output's squared
     # norm), random (seeded by `seed`), bottom (the least output), param_norm (||scaling*BA||
     # at the end of sampling), grad_norm (sum over micro-batches of the LoRA gradients'
     # squared norm), or list (exactly loradrop.keep). Baselines for the benchmarks.
+    # share_all: no layer keeps its own LoRA; every layer uses the one shared LoRA per module
+    # type (with shared_scale, a learned gain per use). It needs no sampling stage and skips it.
     selection: Literal[SELECTION_METHODS] = "output_norm"
     keep: Optional[list[Union[int, str]]] = None  # selection=list: layers (7) or, with granularity=module, "7.q_proj"
     # How many items are kept. Default: as many as output_norm keeps at threshold T (for
@@ -474,7 +481,18 @@ def validate(cfg: Config) -> None:
            f"loradrop.keep is used only with loradrop.selection=list (now {drop.selection}); set one or drop the other")
     _check(drop.num_kept is None or drop.param_budget is None,
            "set at most one of loradrop.num_kept and loradrop.param_budget")
-    _check(drop.num_kept is None or drop.num_kept >= 1, f"loradrop.num_kept must be >= 1, got {drop.num_kept}")
+    _check(drop.num_kept is None or drop.num_kept >= 1,
+           f"loradrop.num_kept must be >= 1, got {drop.num_kept} (to keep no layer, set loradrop.selection=share_all)")
+    _check(-1.0 < drop.auto_min_rank_correlation <= 1.0,
+           f"loradrop.auto_min_rank_correlation must be in (-1, 1] (a Spearman correlation), got "
+           f"{drop.auto_min_rank_correlation}")
+    if drop.selection == "share_all":
+        _check(drop.num_kept is None and drop.param_budget is None,
+               "loradrop.selection=share_all keeps no layer: drop loradrop.num_kept/param_budget")
+        _check(not drop.warm_start,
+               "loradrop.selection=share_all has no sampling stage to warm-start from: set loradrop.warm_start=false")
+        _check(drop.train_shared,
+               "loradrop.selection=share_all with loradrop.train_shared=false would train nothing: set train_shared=true")
     _check(drop.param_budget is None or 0.0 < drop.param_budget <= 1.0,
            f"loradrop.param_budget must be in (0, 1] (a fraction of plain LoRA's parameters), got {drop.param_budget}")
     _check(drop.selection != "list" or (drop.num_kept is None and drop.param_budget is None),

@@ -8,8 +8,11 @@
   random, bottom, LoRA parameter norm, gradient norm, an explicit list) and keeps as many
   as the rule says: the items carrying a fraction ``threshold`` of the output norm, a fixed
   count, or the most important ones that fit a parameter budget (:func:`structure_params`).
-* :func:`selection_settled` and :func:`rank_correlation` decide and describe when the
-  sampling stage's selection has stopped changing (``sampling_steps=auto``).
+* :func:`share_all_selection` is the family's cheapest point (``selection=share_all``): no
+  item keeps its own LoRA, so it needs no statistics and no sampling stage.
+* :func:`sampling_settled` decides when the sampling stage may stop (``sampling_steps=auto``):
+  once the kept set stops changing (:func:`selection_settled`), or once the ranking does
+  (:func:`ranking_settled`, on :func:`rank_correlation` between consecutive checks).
 * :func:`sharing_plan` turns a selection into what the rebuild needs: for every
   (layer, module) pair, does it keep its own LoRA or use the shared one?
 """
@@ -29,9 +32,14 @@ import torch
 # The allowed values of loradrop.granularity and loradrop.selection, owned here where they are
 # implemented; config.py validates recipes against them.
 GRANULARITIES = ("layer", "module")
-SELECTION_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm", "list")
+SELECTION_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm", "list", "share_all")
+# The methods that rank items by sampling-stage statistics (share_all and list need none to rank).
+RANKED_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm")
+# loradrop.auto_stop: what sampling_steps=auto waits for (sampling_settled).
+AUTO_STOPS = ("kept_set", "ranking")
 Granularity = Literal[GRANULARITIES]  # Literal of a tuple T is Literal[*T]
 Method = Literal[SELECTION_METHODS]
+AutoStop = Literal[AUTO_STOPS]
 
 
 class SelectionError(ValueError):
@@ -86,8 +94,8 @@ class Selection:
     module_names: list[str]
     num_layers: int
     items: list[str]  # "7" (layer) or "7.q_proj" (layer.module), in layer order
-    raw_sums: list[float]  # per item, summed over tokens of every rank
-    importance: list[float]  # raw_sums normalised to sum 1
+    raw_sums: list[float]  # per item, summed over tokens of every rank ([] for share_all: no sampling stage)
+    importance: list[float]  # raw_sums normalised to sum 1 ([] for share_all)
     token_count: int  # tokens seen per LoRA module in the sampling stage, all ranks
     kept: list[str]  # items that keep their own LoRA, in the method's order (output_norm: descending importance)
     shared: list[str]  # the others, in layer order
@@ -255,6 +263,8 @@ def compute_selection(stats: ImportanceStats, threshold: float, granularity: Gra
     order is kept if the structure still fits, so a smaller one further down may fill the
     rest); otherwise as many as the paper's rule keeps at ``threshold`` on the output norms.
     """
+    if method == "share_all":
+        raise ValueError("selection share_all needs no statistics: call share_all_selection")
     raw = _item_scores(stats.sq_norm_sums, granularity)
     items = item_names(stats.num_layers, stats.module_names, granularity)
     importance = normalise(raw)  # validates the statistics for every method
@@ -305,6 +315,19 @@ def compute_selection(stats: ImportanceStats, threshold: float, granularity: Gra
         param_budget=param_budget,
         trainable_params=structure_params(plan_of(chosen), costs) if costs is not None else None,
     )
+
+
+def share_all_selection(num_layers: int, module_names: Sequence[str], granularity: Granularity,
+                        threshold: float, costs: Optional[ParamCosts] = None) -> Selection:
+    """No item keeps its own LoRA: every layer uses the one shared LoRA per module type
+    (ShareLoRA's and Tied-LoRA's structure; with ``shared_scale``, a learned gain per use).
+    It ranks nothing, so it has no statistics and needs no sampling stage."""
+    items = item_names(num_layers, module_names, granularity)
+    return Selection(granularity=granularity, threshold=threshold, module_names=list(module_names),
+                     num_layers=num_layers, items=items, raw_sums=[], importance=[], token_count=0, kept=[],
+                     shared=list(items), method="share_all",
+                     trainable_params=structure_params(make_plan([], num_layers, module_names, granularity), costs)
+                     if costs is not None else None)
 
 
 def _listed(keep: Sequence[str | int], items: list[str], granularity: Granularity) -> list[int]:
@@ -366,6 +389,34 @@ def selection_settled(kept_history: Sequence[Sequence[str]], patience: int) -> b
         return False
     last = set(kept_history[-1])
     return all(set(k) == last for k in kept_history[-patience - 1:])
+
+
+def ranking_settled(score_history: Sequence[Sequence[float]], patience: int, min_correlation: float) -> bool:
+    """True once each of the last ``patience`` checks ranked the items like the check before
+    it: Spearman's correlation of consecutive checks' scores at least ``min_correlation``
+    (``patience`` + 1 checks in all). A pair with a constant side has no correlation and
+    does not count as settled."""
+    if len(score_history) <= patience:
+        return False
+    recent = score_history[-patience - 1:]
+    for before, after in zip(recent, recent[1:], strict=False):
+        rho = rank_correlation(before, after)
+        if rho is None or rho < min_correlation:
+            return False
+    return True
+
+
+def sampling_settled(history: Sequence[dict], rule: AutoStop, patience: int, min_correlation: float) -> bool:
+    """``sampling_steps=auto``'s stop after a check: ``history`` holds the checks so far
+    (``{"kept", "scores"}`` each, both None for a check before any output was recorded,
+    which is left out). ``kept_set``: the kept items unchanged for ``patience`` checks;
+    ``ranking``: the ranking's scores unchanged in order (``min_correlation``) for as many."""
+    checks = [h for h in history if h["kept"] is not None]
+    if rule == "kept_set":
+        return selection_settled([h["kept"] for h in checks], patience)
+    if rule == "ranking":
+        return ranking_settled([h["scores"] for h in checks], patience, min_correlation)
+    raise ValueError(f"auto_stop must be one of {AUTO_STOPS}, got {rule!r}")
 
 
 def rank_correlation(a: Sequence[float], b: Sequence[float]) -> Optional[float]:

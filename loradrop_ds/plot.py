@@ -147,10 +147,14 @@ def _save_atomic(fig, path: str | os.PathLike) -> None:
 
 
 def write_selection_files(out_dir: Path, selection: Any) -> list[Path]:
-    """``selection.json``, ``importance.png`` and, when the selection has a history of
-    checks, ``selection_history.png`` in ``out_dir`` (each atomically); returns the paths."""
+    """``selection.json``, ``importance.png`` (unless nothing was measured: share_all) and,
+    when the selection has a history of checks, ``selection_history.png`` in ``out_dir``
+    (each atomically); returns the paths."""
 
-    paths = [atomic_write_text(out_dir / "selection.json", selection.to_json()), out_dir / "importance.png"]
+    paths = [atomic_write_text(out_dir / "selection.json", selection.to_json())]
+    if not selection.importance:  # share_all: no sampling stage, nothing measured to plot
+        return paths
+    paths.append(out_dir / "importance.png")
     kept = set(selection.kept)
     plot_importance(paths[1], selection.items, selection.importance, [item in kept for item in selection.items],
                     selection.threshold, title=f"LoRA-drop {selection.granularity} importance (kept by {selection.method})")

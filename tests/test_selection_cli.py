@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 from test_resume import assert_same_run
 
-from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
+from conftest import REPO, assert_adapter_reproduces_run, finished_run_args, run_ranks, run_ranks_many
 from loradrop_ds.importance import select_top
 
 TRAIN = REPO / "launch" / "train.py"
@@ -17,13 +17,19 @@ TRAIN = REPO / "launch" / "train.py"
 PER_LAYER = 8 * (64 + 64) + 8 * (64 + 32) + 8 * (64 + 128)
 AUTO = ["loradrop.sampling_steps=auto", "loradrop.auto_check_every=1", "loradrop.auto_patience=2",
         "loradrop.auto_max_steps=12", "train.keep_last=10"]
+# The ranking stop: 2 consecutive pairs of checks with Spearman >= 0.8 (4 layers: at most one
+# neighbouring swap), then the budget applies to the last check's ranking.
+AUTO_RANKING = [*AUTO, "loradrop.auto_stop=ranking", "loradrop.auto_min_rank_correlation=0.8",
+                "loradrop.param_budget=0.5"]
 
 
 def read(out, name):
     return json.loads((out / name).read_text())
 
 
-RUNS = {"auto": AUTO, "param_budget": ["loradrop.param_budget=0.5"],
+RUNS = {"auto": AUTO, "auto_ranking": AUTO_RANKING, "param_budget": ["loradrop.param_budget=0.5"],
+        "share_all": ["loradrop.selection=share_all"],
+        "share_all_scalar": ["loradrop.selection=share_all", "loradrop.shared_scale=scalar"],
         "param_norm": ["loradrop.selection=param_norm", "train.keep_last=10"],
         "grad_norm": ["loradrop.selection=grad_norm", "train.keep_last=10"]}
 
@@ -64,17 +70,60 @@ def test_auto_sampling_stops_at_the_first_settled_check(auto_run):
     assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
 
 
-def test_auto_sampling_resumes_exactly_after_a_kill(tiny_model, tmp_path, auto_run):
-    steps = read(auto_run, "summary.json")["sampling"]["steps"]
+def spearman(a, b):
+    """From the definition for distinct values: 1 - 6 sum d^2 / (n (n^2 - 1)) over the ranks."""
+    def ranks(v):
+        return {i: r for r, i in enumerate(sorted(range(len(v)), key=lambda i: v[i]))}
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1.0 - 6.0 * sum((ra[i] - rb[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def test_ranking_stop_ends_the_stage_when_consecutive_rankings_agree(runs):
+    out = runs["auto_ranking"]
+    selection, summary = read(out, "selection.json"), read(out, "summary.json")
+    steps, history = summary["sampling"]["steps"], selection["history"]
+    assert summary["sampling"]["settled"] and steps < 12
+    scored = [(h["step"], h["scores"]) for h in history if h["scores"] is not None]
+    assert all(len(set(scores)) == 4 for _, scores in scored)  # distinct: the formula above applies
+    rho = [spearman(a, b) for (_, a), (_, b) in zip(scored, scored[1:], strict=False)]
+    # Written out from the rule: the first check whose two pairs with the checks before it reach 0.8.
+    first = next(scored[i + 1][0] for i in range(1, len(rho)) if rho[i - 1] >= 0.8 and rho[i] >= 0.8)
+    assert first == steps == history[-1]["step"]
+    # The budget applies to the last check's ranking: the most important layer, and the shared LoRA.
+    assert selection["kept"] == [str(max(range(4), key=lambda i: scored[-1][1][i]))]
+    assert summary["trainable_params"] == 2 * PER_LAYER
+    last = out / "checkpoints" / f"sampling-step{steps:07d}"  # every rank stopped there
+    assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
+
+
+def test_ranking_stop_resumes_exactly_after_a_kill(tiny_model, tmp_path, runs):
+    """The stopping rule reads the checks' history, which checkpoints carry in the run's
+    results; the kept-set rule reads the same history (its decision is tested above)."""
+    reference = runs["auto_ranking"]
+    steps = read(reference, "summary.json")["sampling"]["steps"]
     assert steps >= 4, "the kill below must land before the stage settles"
     out = tmp_path / "run"
-    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO), check=False,
+    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO_RANKING), check=False,
                      extra_env={"LORADROP_TEST_SIGKILL_AT": "sampling:3"})
     assert proc.returncode != 0, "the run was meant to be killed"
-    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO))
+    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO_RANKING))
     assert "sampling-step0000002" in proc.stdout + proc.stderr  # resumed mid-stage, history from the checkpoint
-    assert_same_run(out, auto_run)
-    assert read(out, "selection.json")["history"] == read(auto_run, "selection.json")["history"]
+    assert_same_run(out, reference)
+    assert read(out, "selection.json")["history"] == read(reference, "selection.json")["history"]
+
+
+@pytest.mark.parametrize(("name", "gains"), [("share_all", 0), ("share_all_scalar", 1)])
+def test_share_all_trains_one_lora_per_module_and_reloads_in_peft(tiny_model, runs, name, gains):
+    out = runs[name]
+    selection, summary = read(out, "selection.json"), read(out, "summary.json")
+    # One LoRA per module type, r * (in + out) each, used by all 4 layers; a scalar gain per use (4 x 3).
+    assert summary["trainable_params"] == selection["trainable_params"] == PER_LAYER + gains * 4 * 3
+    assert selection["method"] == "share_all" and selection["kept"] == [] and selection["shared_layers"] == [0, 1, 2, 3]
+    assert "sampling" not in summary and not (out / "importance.png").exists()  # no sampling stage ran
+    assert not any(p.name.startswith("sampling-") for p in (out / "checkpoints").iterdir())
+    assert_adapter_reproduces_run(tiny_model, out)
 
 
 def test_param_budget_trains_exactly_what_it_counted(runs):

@@ -20,8 +20,11 @@ from loradrop_ds.importance import (
     compute_selection,
     make_plan,
     rank_correlation,
+    ranking_settled,
+    sampling_settled,
     select_top,
     selection_settled,
+    share_all_selection,
     structure_params,
 )
 from loradrop_ds.lora import ADAPTER, ImportanceRecorder, add_lora, lora_layers, lora_param_scores
@@ -193,7 +196,51 @@ def test_rank_correlation_hand_worked():
     assert rank_correlation([0, 0, 0], [1, 2, 3]) is None
 
 
+def test_ranking_settled_hand_worked():
+    # Consecutive checks' scores over 4 items. Ranks (no ties): Spearman = 1 - 6 sum d^2 / (n (n^2 - 1)).
+    a = [4.0, 3.0, 2.0, 1.0]  # ranks 3 2 1 0
+    b = [8.0, 6.5, 2.5, 0.5]  # the same order: rho 1
+    c = [9.0, 6.0, 7.0, 1.0]  # items 1 and 2 swapped: d^2 = 1 + 1, rho = 1 - 12 / 60 = 0.8
+    d = [1.0, 9.0, 7.0, 6.0]  # ranks 0 3 2 1 against c's 3 1 2 0: d^2 = 9 + 4 + 0 + 1 = 14, rho = 1 - 84 / 60 = -0.4
+    assert rank_correlation(b, c) == pytest.approx(0.8) and rank_correlation(c, d) == pytest.approx(-0.4)
+    assert not ranking_settled([a, b], patience=2, min_correlation=0.8)  # 2 checks hold 1 pair, not 2
+    assert ranking_settled([a, b, c], patience=2, min_correlation=0.8)  # pairs: 1.0, 0.8
+    assert not ranking_settled([a, b, c], patience=2, min_correlation=0.81)
+    assert ranking_settled([a, b], patience=1, min_correlation=1.0)
+    assert not ranking_settled([a, b, c, d], patience=1, min_correlation=0.0)  # only the last pair counts: -0.4
+    assert not ranking_settled([a, [0.0] * 4, a], patience=1, min_correlation=-0.5)  # constant: no correlation
+
+
+def test_sampling_settled_skips_unrecorded_checks_and_names_its_rules():
+    none = {"kept": None, "scores": None}  # a check before any output (B = 0)
+    checks = [none, {"kept": ["0"], "scores": [3.0, 2.0, 1.0]}, {"kept": ["0", "1"], "scores": [6.0, 4.0, 1.0]},
+              {"kept": ["1", "0"], "scores": [9.0, 7.0, 2.0]}]
+    assert sampling_settled(checks, "ranking", 2, 1.0)  # the same order at 3 recorded checks
+    assert not sampling_settled(checks, "kept_set", 2, 1.0)  # the kept set changed at the second
+    assert sampling_settled(checks, "kept_set", 1, 1.0)
+    assert not sampling_settled(checks[:3], "ranking", 2, 1.0)  # the unrecorded check is not one of the 3
+    with pytest.raises(ValueError, match="auto_stop must be one of"):
+        sampling_settled(checks, "soon", 1, 1.0)
+
+
+def test_share_all_keeps_nothing_and_counts_each_shared_lora_once():
+    costs = ParamCosts({"q": 10, "v": 7}, num_layers=3, gain_per_use=2)
+    selection = share_all_selection(3, ["q", "v"], "module", 0.9, costs)
+    assert selection.kept == [] and selection.shared == ["0.q", "0.v", "1.q", "1.v", "2.q", "2.v"]
+    assert selection.method == "share_all" and selection.importance == [] and selection.kept_layers == []
+    assert selection.trainable_params == 10 + 7 + 2 * 6  # each shared LoRA once, a gain per use
+    assert selection.shared_layers == [0, 1, 2]
+    with pytest.raises(ValueError, match="share_all_selection"):
+        compute_selection(stats_from([[1.0, 1.0]]), 0.9, "layer", method="share_all")
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
+    (["loradrop.selection=share_all", "loradrop.num_kept=2"], "share_all keeps no layer"),
+    (["loradrop.selection=share_all", "loradrop.warm_start=true"], "no sampling stage to warm-start"),
+    (["loradrop.selection=share_all", "loradrop.train_shared=false"], "would train nothing"),
+    (["loradrop.num_kept=0"], "set loradrop.selection=share_all"),
+    (["loradrop.auto_min_rank_correlation=1.5"], "must be in (-1, 1]"),
+    (["loradrop.auto_stop=soon"], "'soon' is not one of"),
     (["loradrop.selection=list"], "needs loradrop.keep"),
     (["loradrop.keep=[1]"], "used only with loradrop.selection=list"),
     (["loradrop.num_kept=2", "loradrop.param_budget=0.5"], "at most one of"),

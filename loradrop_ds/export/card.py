@@ -78,9 +78,13 @@ def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None,
                   + (" (baked into each layer's B)" if fmt != "compact" else "") + " |"]
     if src.selection is not None:
         sel = src.selection
-        lines += [f"| threshold T / sample ratio / sampling steps | {sel.threshold} / {drop.get('sample_ratio')} / "
-                  f"{drop.get('sampling_steps')} |",
-                  f"| granularity | {sel.granularity} |",
+        if sel.method == "share_all":
+            lines += ["| selection | share_all (no sampling stage) |"]
+        else:
+            lines += [f"| selection | {sel.method} |",
+                      f"| threshold T / sample ratio / sampling steps | {sel.threshold} / {drop.get('sample_ratio')} / "
+                      f"{drop.get('sampling_steps')} |"]
+        lines += [f"| granularity | {sel.granularity} |",
                   f"| kept layers | {sel.kept_layers} |", f"| shared layers | {sel.shared_layers} |"]
     trainable = src.results.get("trainable_params")
     plain = src.results.get("plain_lora_params")
@@ -88,9 +92,14 @@ def model_card(src: ExportSource, fmt: str, base_model_id: Optional[str] = None,
         lines += [f"| trainable parameters | {trainable:,} ({100.0 * trainable / plain:.1f}% of plain LoRA's {plain:,}) |"]
     if src.selection is not None:
         kept = set(src.selection.kept)
-        lines += ["", "## Selection", "", "| item | importance | LoRA |", "|---|---|---|"]
-        lines += [f"| {item} | {imp:.4f} | {'own' if item in kept else 'shared'} |"
-                  for item, imp in zip(src.selection.items, src.selection.importance, strict=True)]
+        lines += ["", "## Selection", ""]
+        if src.selection.importance:
+            lines += ["| item | importance | LoRA |", "|---|---|---|"]
+            lines += [f"| {item} | {imp:.4f} | {'own' if item in kept else 'shared'} |"
+                      for item, imp in zip(src.selection.items, src.selection.importance, strict=True)]
+        else:  # share_all: nothing measured
+            lines += [f"Every {src.selection.granularity} uses the shared LoRA (selection {src.selection.method}: no "
+                      "sampling stage, no importance measured)."]
         if src.importance_png is not None:
             lines += ["", "![importance per layer](importance.png)"]
     if pruned is not None:
