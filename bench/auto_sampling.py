@@ -81,37 +81,62 @@ def stable_from(history: list[dict], final: list[str]) -> int | None:
     return step
 
 
-def replay(results: dict, patiences: list[int]) -> None:
-    """The auto rule at each patience on the fixed runs' checks (every auto_check_every = 2 steps)."""
+def replay(results: dict, patiences: list[int], rule: str = "kept_set", correlations: tuple[float, ...] = (0.99,)) -> None:
+    """The auto rule (``loradrop_ds.importance.sampling_settled``, the function the CLI calls)
+    at each patience (and, for ``ranking``, each minimum correlation) on the fixed runs'
+    recorded checks (every auto_check_every = 2 steps)."""
     from loradrop_ds.config import LoraDropConfig
-    from loradrop_ds.importance import selection_settled
+    from loradrop_ds.importance import sampling_settled
 
     runs = results["runs"]
-    # The patience the auto runs used (the config default unless the results' overrides set it).
-    ran = LoraDropConfig.auto_patience
+    if rule == "ranking" and any(h.get("scores") is None and h["kept"] is not None for r in runs
+                                 for h in r["fixed"]["history"]):
+        raise SystemExit(f"{results['command']}: its checks kept no scores (runs older than the scores in "
+                         "selection.json): rerun it to replay the ranking rule")
+    # The settings the auto runs used (the config defaults unless the results' overrides set them).
+    ran = {"auto_patience": LoraDropConfig.auto_patience, "auto_stop": LoraDropConfig.auto_stop,
+           "auto_min_rank_correlation": LoraDropConfig.auto_min_rank_correlation}
     for o in results.get("overrides", []):
-        if o.startswith("loradrop.auto_patience="):
-            ran = int(o.split("=", 1)[1])
-    print(f"replayed on {results['command']} (its auto runs: patience {ran})\n")
-    print("| patience | " + " | ".join(f"seed {r['seed']}: stop step, same as fixed {results['fixed_steps']}"
-                                       for r in runs) + " | all same, by half the steps? |")
-    print("|---|" + "---|" * len(runs) + "---|")
+        key, _, value = o.partition("=")
+        if key.startswith("loradrop.") and key[9:] in ran:
+            ran[key[9:]] = type(ran[key[9:]])(value)
+    print(f"replayed {rule} on {results['command']} (its auto runs: {ran})\n")
+    half = results["fixed_steps"] // 2
+    print(f"| patience | {'min. rank correlation | ' if rule == 'ranking' else ''}"
+          + " | ".join(f"seed {r['seed']}: stop step, same as fixed {results['fixed_steps']}" for r in runs)
+          + f" | all same, by step {half}? |")
+    print("|---|" + ("---|" if rule == "ranking" else "") + "---|" * len(runs) + "---|")
     for patience in patiences:
-        cells, ok = [], True
+        for rho in correlations if rule == "ranking" else (None,):
+            cells, ok = [], True
+            for r in runs:
+                history = [h for h in r["fixed"]["history"] if h["kept"] is not None]
+                stop = next((i for i in range(len(history))
+                             if sampling_settled(history[:i + 1], rule, patience, rho if rho is not None else 1.0)), None)
+                if stop is None:
+                    cells.append(f"not settled by {history[-1]['step']}")
+                    ok = False
+                    continue
+                step = history[stop]["step"]
+                same = sorted(history[stop]["kept"], key=int) == r["fixed"]["kept"]
+                ok = ok and same and step <= half
+                real = r["auto"]["sampling_steps"] if "auto" in r and (patience, rule, rho) == (
+                    ran["auto_patience"], ran["auto_stop"], ran["auto_min_rank_correlation"] if rule == "ranking"
+                    else None) else None
+                check = "" if real is None else (" (= the auto run)" if real == step else f" (auto run: {real}!)")
+                cells.append(f"{step}, {'yes' if same else 'no'}{check}")
+            print(f"| {patience} | {'' if rho is None else f'{rho} | '}" + " | ".join(cells)
+                  + f" | {'yes' if ok else 'no'} |")
+    if rule == "ranking":  # why: each check's Spearman with the one before, and whether it kept the final set
+        from loradrop_ds.importance import rank_correlation
+
+        print("\nPer check (step: Spearman with the check before; * = kept the fixed run's final set):")
         for r in runs:
-            kept = [h["kept"] for h in r["fixed"]["history"] if h["kept"] is not None]
-            steps = [h["step"] for h in r["fixed"]["history"] if h["kept"] is not None]
-            stop = next((i for i in range(len(kept)) if selection_settled(kept[:i + 1], patience)), None)
-            if stop is None:
-                cells.append(f"not settled by {steps[-1]}")
-                ok = False
-                continue
-            same = sorted(kept[stop], key=int) == r["fixed"]["kept"]
-            ok = ok and same and steps[stop] <= results["fixed_steps"] // 2
-            real = r["auto"]["sampling_steps"] if patience == ran else None
-            check = "" if real is None else (" (= the auto run)" if real == steps[stop] else f" (auto run: {real}!)")
-            cells.append(f"{steps[stop]}, {'yes' if same else 'no'}{check}")
-        print(f"| {patience} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |")
+            history = [h for h in r["fixed"]["history"] if h["kept"] is not None]
+            cells = [f"{h['step']}{'*' if sorted(h['kept'], key=int) == r['fixed']['kept'] else ''}: "
+                     + (f"{rank_correlation(b['scores'], h['scores']):.4f}" if b is not None else "-")
+                     for b, h in zip([None, *history], history, strict=False)]
+            print(f"- seed {r['seed']}: " + ", ".join(cells))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,9 +149,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="a setting added to every run, e.g. loradrop.param_budget=0.5 (repeatable)")
     parser.add_argument("--replay", type=int, nargs="+", metavar="PATIENCE",
                         help="only replay the stopping rule at these auto_patience values on --results")
+    parser.add_argument("--rule", choices=["kept_set", "ranking"], default="kept_set",
+                        help="the rule --replay replays (loradrop.auto_stop)")
+    parser.add_argument("--min-correlation", type=float, nargs="+", default=[0.99], metavar="RHO",
+                        help="--rule ranking: the loradrop.auto_min_rank_correlation values to replay")
     args = parser.parse_args(argv)
     if args.replay:
-        replay(json.loads(args.results.read_text()), args.replay)
+        replay(json.loads(args.results.read_text()), args.replay, args.rule, tuple(args.min_correlation))
         return
     rows = []
     for seed in args.seeds:

@@ -86,6 +86,15 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "T0.95_scale_scalar": (["loradrop.threshold=0.95", "loradrop.shared_scale=scalar"],
                            "T=0.95, shared scale scalar"),
     "T0.9_random": (["loradrop.threshold=0.9", "loradrop.selection=random"], "random layers, size of T=0.9"),
+    # Issue 20: what the selection buys. Random layers at the same 50% budget; one LoRA per module
+    # type shared by every layer (no sampling stage), with and without a learned gain per use;
+    # (layer, module) pairs chosen at the same budget; the sampling stage stopped on the ranking.
+    "budget0.5_random": (["loradrop.param_budget=0.5", "loradrop.selection=random"], "random layers, 50% budget"),
+    "share_all": (["loradrop.selection=share_all"], "one shared LoRA per module, every layer"),
+    "share_all_scale_scalar": (["loradrop.selection=share_all", "loradrop.shared_scale=scalar"],
+                               "share-all, scalar gain per layer"),
+    "module_budget0.5": (["loradrop.granularity=module", "loradrop.param_budget=0.5"],
+                         "(layer, module) pairs, 50% budget"),
     "T0.9_bottom": (["loradrop.threshold=0.9", "loradrop.selection=bottom"], "bottom layers, size of T=0.9"),
     "T0.9_kept_only": (["loradrop.threshold=0.9", "loradrop.train_shared=false"], "T=0.9 kept only (no shared LoRA)"),
     "T0.9_param_norm": (["loradrop.threshold=0.9", "loradrop.selection=param_norm"], "param-norm, size of T=0.9"),
@@ -390,7 +399,10 @@ def markdown(results: dict, expected_seeds: int | None = None) -> str:
 # (config, against): differences paired by seed. A seed fixes the data every configuration
 # sees (the sampling subset, the order of the batches), so a paired difference removes what
 # the seeds change for all configurations alike (seed 3 is harder for most of them).
-PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("T0.9", "T0.9_random"), ("T0.9", "T0.9_bottom"),
+PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("budget0.5", "budget0.5_random"), ("budget0.5", "share_all"),
+         ("budget0.5", "share_all_scale_scalar"), ("share_all_scale_scalar", "share_all"), ("share_all", "plain"),
+         ("budget0.5_random", "share_all"), ("module_budget0.5", "budget0.5"), ("T0.9", "T0.9_random"),
+         ("T0.9", "T0.9_bottom"),
          ("T0.9", "T0.9_param_norm"), ("T0.9", "T0.9_grad_norm"), ("T0.9", "T0.9_kept_only"),
          ("T0.8_scale_scalar", "T0.8"), ("T0.9_scale_scalar", "T0.9"), ("T0.9_scale_vector", "T0.9"),
          ("T0.95_scale_scalar", "T0.95"), ("budget0.5_scale_scalar", "budget0.5"), ("allora", "plain"),
@@ -485,11 +497,39 @@ def write_results(args: argparse.Namespace) -> dict:
     if args.report and prev.get("out") == settings["out"]:
         settings = {**prev, "report_command": settings["command"]}  # keep the last run's invocation
     results = gather(args.out, settings)
+    if args.reuse is not None:
+        results = with_reused_runs(results, args.reuse, args.configs)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.results.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(args.results)
     return results
+
+
+def with_reused_runs(results: dict, path: Path, configs: list[str]) -> dict:
+    """``results`` plus the finished runs of ``configs`` recorded in an earlier results file
+    (``--reuse``) for the (config, seed) pairs not run under --out, each marked with the file
+    it came from. Only runs whose settings equal the new runs' are taken: a grid mixed from
+    other settings would not be comparable (the report warns of mixed settings as well)."""
+    def shared_settings(run: dict) -> str:  # what every config shares (the lr and the sampling stage may differ)
+        return json.dumps({k: v for k, v in run["settings"].items()
+                           if k != "train.lr" and not k.startswith("loradrop.sampl")}, sort_keys=True)
+
+    present = {(r["config"], r["seed"]) for r in results["runs"]}
+    ran = {shared_settings(r) for r in results["runs"]}
+    reused = []
+    for r in json.loads(path.read_text())["runs"]:
+        if r["config"] not in configs or (r["config"], r["seed"]) in present:
+            continue
+        if ran and shared_settings(r) not in ran:
+            raise SystemExit(f"--reuse {path}: {r['config']} seed {r['seed']} ran with other settings "
+                             f"({shared_settings(r)}) than the runs under --out ({sorted(ran)[0]})")
+        reused.append({**r, "from": str(path.relative_to(HERE) if path.is_relative_to(HERE) else path)})
+    runs = results["runs"] + reused
+    order = {c: i for i, c in enumerate(CONFIGS)}
+    runs.sort(key=lambda r: (order.get(r["config"], len(order)), str(r["seed"])))
+    return {**results, "runs": runs, "table": aggregate(runs), "zero_shot": zero_shot(runs),
+            "run_settings": common_settings(runs), "reused_from": str(path)}
 
 
 def report(args: argparse.Namespace) -> None:
@@ -524,6 +564,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=HERE / "bench" / "out" / "quality", help="run directories")
     p.add_argument("--results", type=Path, default=HERE / "bench" / "results" / "quality.json")
     p.add_argument("--plot", type=Path, default=HERE / "bench" / "results" / "quality.png")
+    p.add_argument("--reuse", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="also report the --configs runs recorded in this earlier results file (e.g. "
+                        "bench/results/quality.json) for the (config, seed) pairs not run under --out")
     p.add_argument("--dry-run", action="store_true", help="print each run's command and state, run nothing")
     p.add_argument("--report", action="store_true", help="only gather results, print the table, write the plot")
     args = p.parse_args(argv)
