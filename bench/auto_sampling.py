@@ -20,9 +20,11 @@ Target (issue 9): the same selection as the long fixed stage in at most half its
 Results: bench/results/auto_sampling.json and a Markdown table on stdout.
 
     .venv/bin/python bench/auto_sampling.py --replay 3 4 5 6 [--results FILE]
+        [--rule ranking --min-correlation 0.99 0.995]
 
-replays the stopping rule (``loradrop_ds.importance.selection_settled``, the function the CLI
-calls) with other ``auto_patience`` values on the fixed runs' recorded checks, without
+replays a stopping rule (``loradrop_ds.importance.sampling_settled``, the function the CLI
+calls; ``--rule`` is ``loradrop.auto_stop``) with other ``auto_patience`` (and, for the
+ranking rule, ``auto_min_rank_correlation``) values on the fixed runs' recorded checks, without
 training: an auto run sees the same data in the same order, so its checks are the fixed run's
 first checks (the replay at the patience the auto runs used must reproduce their stop steps;
 it says so). A rule that has not settled by the fixed run's last check is reported as such.
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=HERE / "bench" / "results" / "auto_sampling.json")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting added to every run, e.g. loradrop.param_budget=0.5 (repeatable)")
+    parser.add_argument("--fixed-only", action="store_true",
+                        help="run (or reuse) only the fixed stages, the data --replay needs, and write --results")
     parser.add_argument("--replay", type=int, nargs="+", metavar="PATIENCE",
                         help="only replay the stopping rule at these auto_patience values on --results")
     parser.add_argument("--rule", choices=["kept_set", "ranking"], default="kept_set",
@@ -161,14 +165,19 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         fixed = run(args.out / f"fixed{args.fixed_steps}_seed{seed}",
                     [f"seed={seed}", f"loradrop.sampling_steps={args.fixed_steps}", *args.override])
-        auto = run(args.out / f"auto_seed{seed}", [f"seed={seed}", "loradrop.sampling_steps=auto", *args.override])
-        rows.append({"seed": seed, "fixed": fixed, "auto": auto, "same_selection": auto["kept"] == fixed["kept"],
-                     "fixed_stable_from": stable_from(fixed["history"], fixed["kept"])})
+        row = {"seed": seed, "fixed": fixed, "fixed_stable_from": stable_from(fixed["history"], fixed["kept"])}
+        if not args.fixed_only:
+            auto = run(args.out / f"auto_seed{seed}", [f"seed={seed}", "loradrop.sampling_steps=auto", *args.override])
+            row.update(auto=auto, same_selection=auto["kept"] == fixed["kept"])
+        rows.append(row)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"command": shlex.join(["python", "bench/auto_sampling.py",
                                                                *(argv if argv is not None else sys.argv[1:])]),
                                         "fixed_steps": args.fixed_steps, "overrides": args.override, "runs": rows},
                                        indent=2))
+    if args.fixed_only:
+        print(f"fixed runs only: {args.results}; replay a rule on them with --replay")
+        return
     print(f"\n| seed | auto stopped at (settled?) | kept by auto | kept by fixed {args.fixed_steps} | same | "
           "fixed run's selection final from step | fixed run: kept layers at each check | "
           "fixed run: rank corr. with its final scores at steps 2 / 10 / 20 |")

@@ -95,6 +95,8 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
                                "share-all, scalar gain per layer"),
     "module_budget0.5": (["loradrop.granularity=module", "loradrop.param_budget=0.5"],
                          "(layer, module) pairs, 50% budget"),
+    "budget0.5_rankstop": (["loradrop.param_budget=0.5", "loradrop.sampling_steps=auto", "loradrop.auto_stop=ranking",
+                            "loradrop.auto_patience=4"], "50% budget, sampling stopped on the ranking"),
     "T0.9_bottom": (["loradrop.threshold=0.9", "loradrop.selection=bottom"], "bottom layers, size of T=0.9"),
     "T0.9_kept_only": (["loradrop.threshold=0.9", "loradrop.train_shared=false"], "T=0.9 kept only (no shared LoRA)"),
     "T0.9_param_norm": (["loradrop.threshold=0.9", "loradrop.selection=param_norm"], "param-norm, size of T=0.9"),
@@ -401,7 +403,8 @@ def markdown(results: dict, expected_seeds: int | None = None) -> str:
 # the seeds change for all configurations alike (seed 3 is harder for most of them).
 PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("budget0.5", "budget0.5_random"), ("budget0.5", "share_all"),
          ("budget0.5", "share_all_scale_scalar"), ("share_all_scale_scalar", "share_all"), ("share_all", "plain"),
-         ("budget0.5_random", "share_all"), ("module_budget0.5", "budget0.5"), ("T0.9", "T0.9_random"),
+         ("budget0.5_random", "share_all"), ("module_budget0.5", "budget0.5"), ("budget0.5_rankstop", "budget0.5"),
+         ("budget0.5_rankstop", "budget0.5_random"), ("T0.9", "T0.9_random"),
          ("T0.9", "T0.9_bottom"),
          ("T0.9", "T0.9_param_norm"), ("T0.9", "T0.9_grad_norm"), ("T0.9", "T0.9_kept_only"),
          ("T0.8_scale_scalar", "T0.8"), ("T0.9_scale_scalar", "T0.9"), ("T0.9_scale_vector", "T0.9"),
