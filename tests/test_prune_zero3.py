@@ -77,13 +77,26 @@ def brute_force_scores(uses: dict, scaling: float) -> dict:
     return out
 
 
-@pytest.mark.parametrize("mode", ["", "checkpointing"])
-def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, tmp_path, mode):
+@pytest.fixture(scope="module")
+def prune_steps(tiny_model, tmp_path_factory) -> dict:
+    """tests/workers/prune_step.py without and with activation checkpointing, one after the
+    other in one set of rank processes: each mode's output directory."""
+    root = tmp_path_factory.mktemp("prune_step")
+    dirs = {mode: root / mode for mode in ("plain", "checkpointing")}
+    for d in dirs.values():
+        d.mkdir()
+    run_ranks(REPO / "tests" / "workers" / "prune_step.py",
+              [str(tiny_model), *(arg for mode, d in dirs.items() for arg in (str(d), mode))])
+    return dirs
+
+
+@pytest.mark.parametrize("mode", ["plain", "checkpointing"])
+def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, prune_steps, mode):
     """With activation checkpointing the recomputed forwards must neither add gradients twice
     nor lose the saved inputs."""
     from loradrop_ds.model import load_tokenizer
 
-    run_ranks(REPO / "tests" / "workers" / "prune_step.py", [str(tiny_model), str(tmp_path), mode])
+    tmp_path = prune_steps[mode]
     before = load_file(tmp_path / "before.safetensors")
     # The worker tied layers 0 and 2 (saved once, under layer 0's names).
     lora = dict(before)
