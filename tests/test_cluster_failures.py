@@ -111,7 +111,11 @@ def test_a_rank_that_hangs_fails_the_others_after_the_collective_timeout(tiny_mo
     rank 0 gives up after 0.1 minutes instead of waiting."""
     out = tmp_path / "run"
     args = [tiny_args(tiny_model, out, "dist.timeout_minutes=0.1")] * 2
-    procs = run_two_nodes(TRAIN, args, [{}, {"LORADROP_TEST_FAIL_AT": "inputs:stall"}], timeout=120, wait_for=(0,))
+    # The stalled rank takes SIGTERM as a stop request (train.preempt_signals) and sleeps on, so
+    # ending its launcher afterwards waits torchrun's --shutdown-timeout (30 s by default) before
+    # its SIGKILL: 1 s here. It is cleanup only: rank 0 has ended by then.
+    procs = run_two_nodes(TRAIN, args, [{}, {"LORADROP_TEST_FAIL_AT": "inputs:stall"}], timeout=120, wait_for=(0,),
+                          launcher_args=("--shutdown-timeout=1",))
     assert worker_exit_code(procs[0].stdout + procs[0].stderr) not in (None, 0)
     assert "timed out" in procs[0].stderr.lower() or "timeout" in procs[0].stderr.lower(), procs[0].stderr[-3000:]
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_resume import assert_same_run
 
-from conftest import REPO, finished_run_args, run_ranks, run_ranks_many
+from conftest import REPO, finished_run_args, run_ranks_many
 from loradrop_ds import run_checkpoint as ckpt
 from loradrop_ds.disk_full import DiskFullError, disk_full_reported, is_disk_full
 
@@ -47,16 +47,40 @@ def error_lines(log: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def full_disk_chain(tiny_model, tmp_path_factory):
+def real_full_disk(finished_run, tmp_path_factory):
+    """A tmpfs with room for a run's small files, the sampling stage's two checkpoints and one
+    main-stage one, not two more (sized from ``finished_run``): its mount point, and None or
+    why this machine cannot mount one."""
+    one = sum(f.stat().st_size for f in (finished_run / "checkpoints" / "main-step0000002").rglob("*") if f.is_file())
+    small = sum(f.stat().st_size for f in finished_run.iterdir() if f.is_file())
+    where = tmp_path_factory.mktemp("real_full_disk") / "tmpfs"
+    why = _mount_tmpfs(where, f"{int(small + 3.6 * one) // 1024 + 64}k")
+    yield where, why
+    if why is None:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture(scope="module")
+def full_disk_chain(tiny_model, tmp_path_factory, real_full_disk):
+    """The CHAIN's runs in one output directory; then, where a tmpfs could be mounted, one run
+    on that real full file system (``train.keep_last=5``): all in one set of rank processes
+    (run_ranks_many). Returns the logs' parent, the chain's output_dir, the chain's results
+    and the real-disk run's (output_dir, result, index of its logs) or None."""
     tmp = tmp_path_factory.mktemp("disk_full")
     out = tmp / "run"
-    procs = run_ranks_many([finished_run_args(tiny_model, out) for _ in CHAIN], tmp / "logs", check=False,
-                           envs=[env for env, _, _ in CHAIN])
-    return tmp, out, procs
+    runs = [finished_run_args(tiny_model, out) for _ in CHAIN]
+    envs = [env for env, _, _ in CHAIN]
+    disk, why = real_full_disk
+    if why is None:
+        runs.append(finished_run_args(tiny_model, disk / "run", "train.keep_last=5"))
+        envs.append({})
+    procs = run_ranks_many(runs, tmp / "logs", check=False, envs=envs)
+    real = (disk / "run", procs[len(CHAIN)], len(CHAIN)) if why is None else None
+    return tmp, out, procs[:len(CHAIN)], real
 
 
 def test_a_full_disk_at_each_write_site_stops_every_rank_and_resume_continues(full_disk_chain, finished_run):
-    tmp, out, procs = full_disk_chain
+    tmp, out, procs, _ = full_disk_chain
     for i, ((env, path, left), proc) in enumerate(zip(CHAIN, procs, strict=True)):
         if path is None:
             assert proc.returncode == 0, proc.stderr[-4000:]
@@ -121,24 +145,21 @@ def test_torch_save_on_a_full_disk_is_recognised(small_disk):
     assert not is_disk_full(RuntimeError("unrelated"), REPO)  # plenty of space there
 
 
-def test_a_real_full_disk_during_a_checkpoint_leaves_the_previous_one(tiny_model, finished_run, small_disk, tmp_path):
-    """A 2-rank run on a tmpfs with room for its first checkpoints only: rank 0's optimizer
-    state (or whichever write comes first) fails, every rank stops with the one line, and the
-    newest complete checkpoint is what resume=auto takes."""
-    one = sum(f.stat().st_size for f in (finished_run / "checkpoints" / "main-step0000002").rglob("*") if f.is_file())
-    small = sum(f.stat().st_size for f in finished_run.iterdir() if f.is_file())
-    # The run's small files, the sampling stage's two checkpoints and one main-stage one fit; not two more.
-    disk = small_disk(f"{int(small + 3.6 * one) // 1024 + 64}k")
-    out = disk / "run"
-    proc = run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, out, "train.keep_last=5"), check=False,
-                     timeout=300)
-    log = proc.stdout + proc.stderr
-    # torchrun itself exits 1 when a rank fails; it reports each rank's exit code.
-    assert proc.returncode == 1 and log.count("exitcode  : 2 ") == 2, log[-4000:]
-    lines = error_lines(log)
-    # Each rank's own line is checked in the chain above (its own log); here they share torchrun's stderr.
-    assert lines and all(line.startswith(f"error: {NO_SPACE}{out}") for line in lines), lines
-    assert "loradrop_ds/" not in log and 'train.py", line' not in log, log[-4000:]  # no traceback of ours
+def test_a_real_full_disk_during_a_checkpoint_leaves_the_previous_one(full_disk_chain, real_full_disk):
+    """A 2-rank run on a tmpfs with room for its first checkpoints only (``real_full_disk``):
+    rank 0's optimizer state (or whichever write comes first) fails, every rank stops with the
+    one line, and the newest complete checkpoint is what resume=auto takes."""
+    if real_full_disk[1] is not None:
+        pytest.skip(f"a real full file system needs a tmpfs mount: {real_full_disk[1]}; the injected ENOSPC tests "
+                    "cover the sites")
+    tmp, _, _, (out, proc, index) = full_disk_chain
+    assert proc.returncode == 2, proc.stderr[-4000:]  # on both ranks (run_ranks_many checks that they agree)
+    for rank in (0, 1):
+        log = (tmp / "logs" / f"run{index}.rank{rank}").read_text()
+        lines = error_lines(log)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {NO_SPACE}{out}"), (rank, lines)
+        assert "loradrop_ds/" not in log and 'train.py", line' not in log, log[-4000:]  # no traceback of ours
+    lines = error_lines(proc.stderr)
     found = ckpt.list_checkpoints(out, warn=False)
     assert found and found[0][0].name in lines[0] and "resume=auto continues from it" in lines[0], (lines, found)
     assert ckpt.find_resume_checkpoint("auto", out)[0] == found[0][0]

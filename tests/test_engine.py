@@ -192,13 +192,19 @@ def _rebuild(tiny_model, tmp_path, mode):
     return json.loads((out / "rebuild.json").read_text()), load_file(out / "adapter.safetensors")
 
 
-def test_in_place_rebuild_equals_reloading_the_base(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def reload_rebuild(tiny_model, tmp_path_factory):
+    """The ``reload`` rebuild (the reference of the in-place one, and checked on its own)."""
+    return _rebuild(tiny_model, tmp_path_factory.mktemp("rebuild"), "reload")
+
+
+def test_in_place_rebuild_equals_reloading_the_base(tiny_model, tmp_path, reload_rebuild):
     """The main stage built on the sampling stage's partitioned base trains exactly as
     one built on a base loaded again from disk (fp32, 2 ranks, dropout on), without
     reading the weight files again (they are moved away after the first load), with the
     sampling LoRA and optimizer freed and no DeepSpeed state left behind."""
     inplace, adapter = _rebuild(tiny_model, tmp_path, "inplace")
-    reload, ref_adapter = _rebuild(tiny_model, tmp_path, "reload")
+    reload, ref_adapter = reload_rebuild
     assert inplace["sampling_losses"] == reload["sampling_losses"]
     assert inplace["main_losses"] == pytest.approx(reload["main_losses"], rel=1e-6, abs=1e-7)
     assert adapter.keys() == ref_adapter.keys()
@@ -214,8 +220,8 @@ def test_in_place_rebuild_equals_reloading_the_base(tiny_model, tmp_path):
     assert inplace["hooks"] == reload["hooks"]
 
 
-def test_rebuild_by_reload_frees_the_first_engines_model(tiny_model, tmp_path):
-    result, _ = _rebuild(tiny_model, tmp_path, "reload")
+def test_rebuild_by_reload_frees_the_first_engines_model(reload_rebuild):
+    result, _ = reload_rebuild
     assert result["freed"] == {"lora": True, "optimizer": True, "model": True}, result
     assert result["fwd_module_stack"] == 0 and result["zero_params_not_in_main_model"] == 0
     assert all(math.isfinite(x) for x in result["main_losses"])
@@ -238,8 +244,7 @@ def test_a_bf16_run_keeps_lora_gradients_in_fp32(tiny_model, tmp_path):
     control shows (so the check can see the difference)."""
     worker = REPO / "tests" / "workers" / "grad_dtype.py"
     ours, default = tmp_path / "ours.json", tmp_path / "default.json"
-    run_ranks(worker, [str(tiny_model), str(ours)])
-    run_ranks(worker, [str(tiny_model), str(default), "data_types={}"])
+    run_ranks(worker, [str(tiny_model), str(ours), f"{default},data_types={{}}"])  # one engine after the other
     ours, default = json.loads(ours.read_text()), json.loads(default.read_text())
     assert ours["lora_param_dtypes"] == default["lora_param_dtypes"] == ["torch.float32"]
     assert ours["partition_dtypes"] == ["torch.float32"] and ours["gradient_accumulation_dtype"] == "torch.float32"
@@ -251,10 +256,10 @@ def test_training_after_an_evaluation_gathers_what_it_gathers_without_one(tiny_m
     not forget them when an evaluation's forward-only trace is replaced by the training one:
     every later step then gathered 121 parameters instead of 63 here (3.64 against 2.76 s
     per step on the default model). training.evaluate resets the trace afterwards."""
-    fetched = {}
-    for mode in ("eval", "no-eval"):
-        run_ranks(REPO / "tests" / "workers" / "eval_trace.py", [str(tiny_model), str(tmp_path / mode), mode])
-        fetched[mode] = json.loads((tmp_path / mode).read_text())["fetched"]
+    modes = ("no-eval", "eval")  # one engine after the other, in one set of rank processes
+    run_ranks(REPO / "tests" / "workers" / "eval_trace.py",
+              [str(tiny_model), *(arg for mode in modes for arg in (str(tmp_path / mode), mode))])
+    fetched = {mode: json.loads((tmp_path / mode).read_text())["fetched"] for mode in modes}
     steady = fetched["no-eval"][2:]  # from the third step on, the trace is recorded
     assert len(set(steady)) == 1 and steady[0] > 0
     assert fetched["eval"][2:] == steady, fetched

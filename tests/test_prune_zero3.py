@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, finished_run_args, run_python, run_ranks
+from conftest import REPO, finished_run_args, run_python, run_ranks, run_ranks_many
 from loradrop_ds import config as config_lib
 from loradrop_ds.prune_algorithm import PruneState
 from loradrop_ds.prune_zero3 import update_steps
@@ -77,13 +77,26 @@ def brute_force_scores(uses: dict, scaling: float) -> dict:
     return out
 
 
-@pytest.mark.parametrize("mode", ["", "checkpointing"])
-def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, tmp_path, mode):
+@pytest.fixture(scope="module")
+def prune_steps(tiny_model, tmp_path_factory) -> dict:
+    """tests/workers/prune_step.py without and with activation checkpointing, one after the
+    other in one set of rank processes: each mode's output directory."""
+    root = tmp_path_factory.mktemp("prune_step")
+    dirs = {mode: root / mode for mode in ("plain", "checkpointing")}
+    for d in dirs.values():
+        d.mkdir()
+    run_ranks(REPO / "tests" / "workers" / "prune_step.py",
+              [str(tiny_model), *(arg for mode, d in dirs.items() for arg in (str(d), mode))])
+    return dirs
+
+
+@pytest.mark.parametrize("mode", ["plain", "checkpointing"])
+def test_two_rank_zero3_scores_and_masks_equal_a_brute_force_reference(tiny_model, prune_steps, mode):
     """With activation checkpointing the recomputed forwards must neither add gradients twice
     nor lose the saved inputs."""
     from loradrop_ds.model import load_tokenizer
 
-    run_ranks(REPO / "tests" / "workers" / "prune_step.py", [str(tiny_model), str(tmp_path), mode])
+    tmp_path = prune_steps[mode]
     before = load_file(tmp_path / "before.safetensors")
     # The worker tied layers 0 and 2 (saved once, under layer 0's names).
     lora = dict(before)
@@ -139,10 +152,25 @@ CLI_PRUNE = ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj
 
 
 @pytest.fixture(scope="module")
-def prune_run(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prune") / "run"
-    run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, out, *CLI_PRUNE))
-    return out
+def prune_runs(tiny_model, tmp_path_factory) -> dict:
+    """"killed": the LoRAPrune CLI run killed in main step 5 in processes of its own (SIGKILL):
+    its output_dir, its exit code and whether it wrote summary.json; then, in one set of rank
+    processes (run_ranks_many), the uninterrupted run ("run") and the killed run's resume
+    ("resumed": its result)."""
+    root = tmp_path_factory.mktemp("prune")
+    out, killed = root / "run", root / "killed"
+    kill = run_ranks(REPO / "launch" / "train.py", finished_run_args(tiny_model, killed, *CLI_PRUNE), check=False,
+                     extra_env={"LORADROP_TEST_SIGKILL_AT": "main:5"})
+    kill_left = (killed, kill.returncode, (killed / "summary.json").exists())
+    done, resumed = run_ranks_many([finished_run_args(tiny_model, out, *CLI_PRUNE),
+                                    finished_run_args(tiny_model, killed, *CLI_PRUNE)], root / "logs", check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"run": out, "killed": kill_left, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def prune_run(prune_runs):
+    return prune_runs["run"]
 
 
 def test_cli_prunes_on_schedule_and_the_masked_model_is_the_pruned_one(tiny_model, prune_run):
@@ -171,14 +199,12 @@ def test_cli_prunes_on_schedule_and_the_masked_model_is_the_pruned_one(tiny_mode
         assert (ckpt / "prune" / "state.safetensors").is_file() and (ckpt / "prune" / "masks.safetensors").is_file()
 
 
-def test_sigkill_resume_gives_the_same_masks_scores_and_adapter(tiny_model, prune_run, tmp_path):
-    out = tmp_path / "run"
-    args = finished_run_args(tiny_model, out, *CLI_PRUNE)
-    killed = run_ranks(REPO / "launch" / "train.py", args, check=False,
-                       extra_env={"LORADROP_TEST_SIGKILL_AT": "main:5"})
-    assert killed.returncode != 0 and not (out / "summary.json").exists()
-    resumed = run_ranks(REPO / "launch" / "train.py", args)
-    assert "main-step0000004" in resumed.stdout + resumed.stderr
+def test_sigkill_resume_gives_the_same_masks_scores_and_adapter(prune_runs, prune_run):
+    out, kill_code, summary_written = prune_runs["killed"]
+    assert kill_code != 0 and not summary_written
+    resumed = prune_runs["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "main-step0000004" in resumed.stderr
     got, want = (PruneState.from_tensors(load_file(d / "prune" / "state.safetensors")) for d in (out, prune_run))
     assert got.updates == want.updates == 4
     for layer in range(LAYERS):

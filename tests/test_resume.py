@@ -49,39 +49,103 @@ def reference_run(finished_run):
     return finished_run
 
 
-def kill_then_resume(tiny_model, out, at, tamper=None):
-    env = {"LORADROP_TEST_SIGKILL_AT": at}
-    proc = run_ranks(TRAIN, args(tiny_model, out), check=False, extra_env=env)
-    assert proc.returncode != 0, "the run was meant to be killed"
-    assert not (out / "adapter").exists()
-    if tamper:
-        tamper(out)
-    proc = run_ranks(TRAIN, args(tiny_model, out))
-    return proc
+def truncate_newest(run_dir) -> dict:
+    """After the kill in main step 5: truncate main-step0000004's optimizer state; what was there before."""
+    newest = run_dir / "checkpoints" / "main-step0000004"
+    seen = {"newest": newest.is_dir(), "previous": (run_dir / "checkpoints" / "main-step0000002").is_dir()}
+    victim = newest / training_state.TENSORS
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    return seen
 
 
-def test_killed_mid_sampling_resumes_exactly(tiny_model, tmp_path, reference_run):
-    out = tmp_path / "run"
-    proc = kill_then_resume(tiny_model, out, "sampling:3")
-    assert "resuming from" in proc.stderr + proc.stdout and "sampling-step0000002" in proc.stderr + proc.stdout
-    assert_same_run(out, reference_run)
+def half_written(name: str):
+    """After a kill inside the write of checkpoint ``name``: what is on disk, and what each way
+    of choosing a checkpoint makes of the half-written ``.tmp-*`` directory."""
+    def look(run_dir) -> dict:
+        tmp = run_dir / "checkpoints" / f".tmp-{name}"
+        seen = {"tmp": tmp.is_dir(), "final": (run_dir / "checkpoints" / name).exists(),
+                "marker": (tmp / ckpt.MARKER).is_file(), "explicit": None}
+        try:
+            ckpt.find_resume_checkpoint(str(tmp), run_dir)
+        except ckpt.CheckpointError as e:
+            seen["explicit"] = str(e)
+        seen["auto"] = ckpt.find_resume_checkpoint("auto", run_dir)[0].name
+        return seen
+
+    return look
 
 
-def test_killed_mid_main_resumes_exactly_skipping_a_truncated_checkpoint(tiny_model, tmp_path, reference_run):
-    out = tmp_path / "run"
+def hpz_config(root) -> str:
+    """zero3_tiny.json with ZeRO++ hpZ over both ranks (one hpZ group)."""
+    config = json.loads((REPO / "ds_configs" / "zero3_tiny.json").read_text())
+    config["zero_optimization"]["zero_hpz_partition_size"] = 2
+    (root / "hpz.json").write_text(json.dumps(config))
+    return f"deepspeed={root / 'hpz.json'}"
 
-    def truncate_newest(run_dir):
-        newest = run_dir / "checkpoints" / "main-step0000004"
-        assert newest.is_dir() and (run_dir / "checkpoints" / "main-step0000002").is_dir()
-        victim = newest / training_state.TENSORS
-        with open(victim, "r+b") as f:
-            f.truncate(victim.stat().st_size // 2)
 
-    proc = kill_then_resume(tiny_model, out, "main:5", tamper=truncate_newest)
-    log = proc.stderr + proc.stdout
+# Runs killed with SIGKILL (each in processes of its own), then resumed: case -> (kill point,
+# whether the run's overrides add hpZ, what to do to / look at the output_dir after the kill).
+KILLED = {
+    "mid_sampling": ("sampling:3", False, None),
+    "mid_main": ("main:5", False, truncate_newest),
+    "before-marker": ("before-marker:main-step0000004", False, half_written("main-step0000004")),
+    "before-rename": ("before-rename:main-step0000004", False, half_written("main-step0000004")),
+    "hpz": ("main:5", True, None),
+}
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tiny_model, tmp_path_factory) -> dict:
+    """Every run of KILLED killed in its own rank processes; then, in one set of rank processes
+    (run_ranks_many), the preempted chains (``preempt_chains``) and every killed run's resume.
+    ``killed``: per case, the kill's exit code, whether an adapter was left, and what the case's
+    look after the kill saw; ``resumed``: per case, its resume's result; ``chains``: the logs'
+    parent, the chains' runs and their results."""
+    tmp = tmp_path_factory.mktemp("resume")
+    hpz = hpz_config(tmp)
+    killed, resume_argvs = {}, []
+    for case, (at, with_hpz, after_kill) in KILLED.items():
+        out = tmp / case / "run"
+        argv = args(tiny_model, out, *([hpz] if with_hpz else []))
+        proc = run_ranks(TRAIN, argv, check=False, extra_env={"LORADROP_TEST_SIGKILL_AT": at})
+        killed[case] = {"returncode": proc.returncode, "adapter": (out / "adapter").exists(),
+                        **(after_kill(out) if after_kill else {})}
+        resume_argvs.append(argv)
+    chains = preempt_chains()
+    envs = [{**env, preemption.MARKER_ENV: str(tmp / f"run{i}.marker.json")} for i, (_, env, _, _) in enumerate(chains)]
+    procs = run_ranks_many([args(tiny_model, tmp / chain) for chain, _, _, _ in chains] + resume_argvs, tmp / "logs",
+                           check=False, envs=envs + [{}] * len(resume_argvs))
+    return {"killed": killed, "resumed": dict(zip(KILLED, procs[len(chains):], strict=True)),
+            "chains": (tmp, chains, procs[:len(chains)])}
+
+
+def killed_and_resumed(resume_runs, case: str) -> tuple[dict, str]:
+    """The case's kill really killed the run (no adapter), and its resume ended well: what
+    was seen after the kill, and the resume's log."""
+    killed, proc = resume_runs["killed"][case], resume_runs["resumed"][case]
+    assert killed["returncode"] != 0, "the run was meant to be killed"
+    assert not killed["adapter"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return killed, proc.stderr
+
+
+def test_killed_mid_sampling_resumes_exactly(resume_runs, reference_run):
+    _, log = killed_and_resumed(resume_runs, "mid_sampling")
+    assert "resuming from" in log and "sampling-step0000002" in log
+    assert_same_run(resume_dir(resume_runs, "mid_sampling"), reference_run)
+
+
+def test_killed_mid_main_resumes_exactly_skipping_a_truncated_checkpoint(resume_runs, reference_run):
+    seen, log = killed_and_resumed(resume_runs, "mid_main")
+    assert seen["newest"] and seen["previous"]  # main-step0000004 (truncated after the kill) and 2
     assert "skipping checkpoint" in log and "main-step0000004" in log and "truncated" in log
     assert "resuming from" in log and "main-step0000002" in log
-    assert_same_run(out, reference_run)
+    assert_same_run(resume_dir(resume_runs, "mid_main"), reference_run)
+
+
+def resume_dir(resume_runs, case: str):
+    return resume_runs["chains"][0] / case / "run"
 
 
 def test_checkpoint_without_marker_is_skipped_and_pruning_keeps_the_newest(reference_run, tmp_path, caplog):
@@ -194,25 +258,18 @@ def test_a_checkpoint_with_only_deepspeeds_files_is_refused_in_one_line(referenc
 
 
 @pytest.mark.parametrize("point", ["before-marker", "before-rename"])
-def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model, tmp_path, reference_run, point):
+def test_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(resume_runs, reference_run, point):
     """Killed inside the write of main-step0000004: before its manifest is written, or
     with the manifest written but the directory not yet renamed. The half-written
     ``.tmp-*`` directory is never taken for a checkpoint; the run resumes from step 2 and
     ends as the uninterrupted one."""
-    out = tmp_path / "run"
-    name = "main-step0000004"
-
-    def check_half_written(run_dir):
-        tmp = run_dir / "checkpoints" / f".tmp-{name}"
-        assert tmp.is_dir() and not (run_dir / "checkpoints" / name).exists()
-        assert (tmp / ckpt.MARKER).is_file() == (point == "before-rename")
-        with pytest.raises(ckpt.CheckpointError, match="not a checkpoint directory"):
-            ckpt.find_resume_checkpoint(str(tmp), run_dir)
-        assert ckpt.find_resume_checkpoint("auto", run_dir)[0].name == "main-step0000002"
-
-    proc = kill_then_resume(tiny_model, out, f"{point}:{name}", tamper=check_half_written)
-    log = proc.stderr + proc.stdout
+    seen, log = killed_and_resumed(resume_runs, point)
+    assert seen["tmp"] and not seen["final"]
+    assert seen["marker"] == (point == "before-rename")
+    assert seen["explicit"] is not None and "not a checkpoint directory" in seen["explicit"], seen
+    assert seen["auto"] == "main-step0000002"
     assert "resuming from" in log and "main-step0000002" in log
+    out = resume_dir(resume_runs, point)
     assert not list((out / "checkpoints").glob(".tmp-*"))  # the stale temporary was cleaned up
     assert_same_run(out, reference_run)
 
@@ -232,23 +289,16 @@ def test_manifest_lists_every_ranks_files(reference_run):
         assert not any(f.startswith("ds/") or f == ckpt.FULL_STATE for f in files), files
 
 
-def test_hierarchical_partitioning_trains_and_resumes_the_same(tiny_model, tmp_path, reference_run):
+def test_hierarchical_partitioning_trains_and_resumes_the_same(resume_runs, reference_run):
     """ZeRO++ hpZ (a secondary copy of the parameters inside each node, as the multi-node
     recipe uses) gives the same run, killed in the main stage and resumed: here with both
     ranks in one hpZ group. The resume writes the parameters' partitions afresh, so the
     secondary copies made when the engine was built must be dropped, as DeepSpeed's own
     load does (``deepspeed_private.restore_working_copy``), or the forward gathers the
     initial LoRA weights from them."""
-    config = json.loads((REPO / "ds_configs" / "zero3_tiny.json").read_text())
-    config["zero_optimization"]["zero_hpz_partition_size"] = 2
-    (tmp_path / "hpz.json").write_text(json.dumps(config))
-    out = tmp_path / "run"
-    hpz = f"deepspeed={tmp_path / 'hpz.json'}"
-    proc = run_ranks(TRAIN, args(tiny_model, out, hpz), check=False, extra_env={"LORADROP_TEST_SIGKILL_AT": "main:5"})
-    assert proc.returncode != 0, "the run was meant to be killed"
-    log = (lambda p: p.stdout + p.stderr)(run_ranks(TRAIN, args(tiny_model, out, hpz)))
+    _, log = killed_and_resumed(resume_runs, "hpz")
     assert "resuming from" in log and "main-step0000004" in log
-    assert_same_run(out, reference_run)
+    assert_same_run(resume_dir(resume_runs, "hpz"), reference_run)
 
 
 def test_settings_added_since_a_checkpoint_compare_as_their_defaults():
@@ -302,18 +352,8 @@ def preempt_chains() -> list[tuple[str, dict, int, Optional[str]]]:
     ]
 
 
-@pytest.fixture(scope="module")
-def preempted_chains(tiny_model, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("preempted")
-    runs = preempt_chains()
-    envs = [{**env, preemption.MARKER_ENV: str(tmp / f"run{i}.marker.json")} for i, (_, env, _, _) in enumerate(runs)]
-    procs = run_ranks_many([args(tiny_model, tmp / chain) for chain, _, _, _ in runs], tmp / "logs", check=False,
-                           envs=envs)
-    return tmp, runs, procs
-
-
-def test_preempted_runs_stop_together_and_resume_to_the_uninterrupted_one(preempted_chains, reference_run):
-    tmp, runs, procs = preempted_chains
+def test_preempted_runs_stop_together_and_resume_to_the_uninterrupted_one(resume_runs, reference_run):
+    tmp, runs, procs = resume_runs["chains"]
     for i, ((chain, env, code, checkpoint), proc) in enumerate(zip(runs, procs, strict=True)):
         where = f"seed {PREEMPT_SEED}, run {i} (chain {chain}), {env}"
         assert proc.returncode == code, (where, proc.stderr[-4000:])  # the same code on every rank (run_ranks_many)

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_resume import assert_same_run
 
-from conftest import REPO, finished_run_args, run_python, run_ranks
+from conftest import REPO, finished_run_args, run_python, run_ranks, run_ranks_many
 from loradrop_ds import run_checkpoint as ckpt
 from loradrop_ds import training_state
 from loradrop_ds.planner.checkpoint_bytes import checkpoint_bytes
@@ -37,17 +37,6 @@ ACCUM = {2: "train.grad_accum=1", 1: "train.grad_accum=2"}
 
 def args(model, out, ranks, *extra):
     return finished_run_args(model, out, "lora.dropout=0.0", ACCUM[ranks], "train.keep_last=10", *extra)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, tmp_path_factory):
-    """The same run, uninterrupted, on 2 ranks and on 1 (same global batch)."""
-    root = tmp_path_factory.mktemp("ws_ref")
-    refs = {}
-    for ranks in (2, 1):
-        refs[ranks] = root / f"ranks{ranks}"
-        run_ranks(TRAIN, args(tiny_model, refs[ranks], ranks), nproc=ranks)
-    return refs
 
 
 def test_same_global_batch_gives_the_same_run_on_1_and_2_ranks(uninterrupted):
@@ -76,30 +65,70 @@ def to_older_format(path):
     (path / ckpt.MARKER).write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize(("before", "after", "kill_at", "resumed_from", "variant"), [
+# (ranks before, ranks after, kill point, the checkpoint resumed from, variant)
+KILLED = [
     (2, 1, "main:5", "main-step0000004", None),
     (2, 1, "sampling:3", "sampling-step0000002", None),
     (1, 2, "main:5", "main-step0000004", "resident"),  # LoRA resident on each rank (ds_configs/zero3.json)
     (1, 2, "sampling:3", "sampling-step0000002", "older format"),
-])
-def test_killed_run_resumes_on_another_number_of_ranks(tiny_model, tmp_path, uninterrupted, before, after, kill_at,
-                                                       resumed_from, variant):
-    out = tmp_path / "run"
-    extra = ["deepspeed=ds_configs/zero3.json"] if variant == "resident" else []
-    proc = run_ranks(TRAIN, args(tiny_model, out, before, *extra), nproc=before, check=False,
-                     extra_env={"LORADROP_TEST_SIGKILL_AT": kill_at})
-    assert proc.returncode != 0, "the run was meant to be killed"
-    path, state = ckpt.find_resume_checkpoint("auto", out)
-    assert path.name == resumed_from and state.world_size == before
-    assert training_state.checkpoint_format(path) == "current" and not (path / ckpt.FULL_STATE).exists()
+]
+
+
+@pytest.fixture(scope="module")
+def ws_runs(tiny_model, tmp_path_factory) -> dict:
+    """Each KILLED run killed on its first number of ranks, in processes of its own (SIGKILL);
+    what its newest checkpoint was then (and, for "older format", that checkpoint rewritten in
+    the older format). Then per number of ranks, in one set of rank processes (run_ranks_many):
+    the uninterrupted run (same global batch) and the killed runs resumed on that number."""
+    root = tmp_path_factory.mktemp("ws")
+    refs = {ranks: root / f"ranks{ranks}" for ranks in (2, 1)}
+    killed, resumes = [], {1: [], 2: []}
+    for i, (before, after, kill_at, _, variant) in enumerate(KILLED):
+        out = root / f"killed{i}"
+        extra = ["deepspeed=ds_configs/zero3.json"] if variant == "resident" else []
+        proc = run_ranks(TRAIN, args(tiny_model, out, before, *extra), nproc=before, check=False,
+                         extra_env={"LORADROP_TEST_SIGKILL_AT": kill_at})
+        seen = {"out": out, "returncode": proc.returncode}
+        found = ckpt.find_resume_checkpoint("auto", out)
+        if found is not None:
+            path, state = found
+            seen.update(name=path.name, world_size=state.world_size, format=training_state.checkpoint_format(path),
+                        full_state=(path / ckpt.FULL_STATE).exists())
+            if variant == "older format":
+                to_older_format(path)
+                seen.update(older_format=training_state.checkpoint_format(path), verified=ckpt.verify_checkpoint(path))
+        killed.append(seen)
+        resumes[after].append((i, args(tiny_model, out, after, *extra)))
+    resumed = {}
+    for ranks, runs in resumes.items():
+        procs = run_ranks_many([args(tiny_model, refs[ranks], ranks), *(argv for _, argv in runs)],
+                               root / f"logs{ranks}", nproc=ranks, check=False)
+        assert procs[0].returncode == 0, procs[0].stderr[-4000:]  # the uninterrupted run
+        resumed.update({i: proc for (i, _), proc in zip(runs, procs[1:], strict=True)})
+    return {"refs": refs, "killed": killed, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws_runs):
+    """The same run, uninterrupted, on 2 ranks and on 1 (same global batch)."""
+    return ws_runs["refs"]
+
+
+@pytest.mark.parametrize("case", range(len(KILLED)), ids=["2to1-main", "2to1-sampling", "1to2-main-resident",
+                                                         "1to2-sampling-older-format"])
+def test_killed_run_resumes_on_another_number_of_ranks(ws_runs, uninterrupted, case):
+    before, after, _, resumed_from, variant = KILLED[case]
+    seen, proc = ws_runs["killed"][case], ws_runs["resumed"][case]
+    assert seen["returncode"] != 0, "the run was meant to be killed"
+    assert seen.get("name") == resumed_from and seen["world_size"] == before, seen
+    assert seen["format"] == "current" and not seen["full_state"]
     if variant == "older format":
-        to_older_format(path)
-        assert training_state.checkpoint_format(path) == ckpt.FULL_STATE and ckpt.verify_checkpoint(path) is None
-    proc = run_ranks(TRAIN, args(tiny_model, out, after, *extra), nproc=after)
-    log = proc.stdout + proc.stderr
+        assert seen["older_format"] == ckpt.FULL_STATE and seen["verified"] is None
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stderr
     assert "resuming from" in log and resumed_from in log
     assert f"resumed on {after} ranks from a checkpoint of {before}" in log
-    assert_same_run(out, uninterrupted[after], RTOL)
+    assert_same_run(seen["out"], uninterrupted[after], RTOL)
 
 
 def test_another_global_batch_on_another_world_size_is_refused_as_a_settings_change(tiny_model, tmp_path,

@@ -37,11 +37,19 @@ RUNS = {"auto": AUTO, "auto_ranking": AUTO_RANKING, "param_budget": ["loradrop.p
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory) -> dict:
     """The module's finished runs, by name, trained one after another in one set of rank
-    processes (``run_ranks_many``)."""
+    processes (``run_ranks_many``); and "killed_ranking": the "auto_ranking" run killed after
+    sampling step 3 in processes of its own (SIGKILL), its exit code, and its resume, the last
+    run of that set (output_dir, exit code of the kill, the resume's result)."""
     root = tmp_path_factory.mktemp("selection_cli")
     outs = {name: root / name / "run" for name in RUNS}
-    run_ranks_many([finished_run_args(tiny_model, outs[name], *extra) for name, extra in RUNS.items()], root / "logs")
-    return outs
+    killed = root / "killed_ranking" / "run"
+    kill = run_ranks(TRAIN, finished_run_args(tiny_model, killed, *AUTO_RANKING), check=False,
+                     extra_env={"LORADROP_TEST_SIGKILL_AT": "sampling:3"})
+    procs = run_ranks_many([finished_run_args(tiny_model, outs[name], *extra) for name, extra in RUNS.items()]
+                           + [finished_run_args(tiny_model, killed, *AUTO_RANKING)], root / "logs", check=False)
+    for name, proc in zip(RUNS, procs, strict=False):
+        assert proc.returncode == 0, (name, proc.stderr[-4000:])
+    return {**outs, "killed_ranking": (killed, kill.returncode, procs[-1])}
 
 
 @pytest.fixture(scope="module")
@@ -98,18 +106,16 @@ def test_ranking_stop_ends_the_stage_when_consecutive_rankings_agree(runs):
     assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank0.pt", "rank1.pt"]
 
 
-def test_ranking_stop_resumes_exactly_after_a_kill(tiny_model, tmp_path, runs):
+def test_ranking_stop_resumes_exactly_after_a_kill(runs):
     """The stopping rule reads the checks' history, which checkpoints carry in the run's
     results; the kept-set rule reads the same history (its decision is tested above)."""
     reference = runs["auto_ranking"]
     steps = read(reference, "summary.json")["sampling"]["steps"]
     assert steps >= 4, "the kill below must land before the stage settles"
-    out = tmp_path / "run"
-    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO_RANKING), check=False,
-                     extra_env={"LORADROP_TEST_SIGKILL_AT": "sampling:3"})
-    assert proc.returncode != 0, "the run was meant to be killed"
-    proc = run_ranks(TRAIN, finished_run_args(tiny_model, out, *AUTO_RANKING))
-    assert "sampling-step0000002" in proc.stdout + proc.stderr  # resumed mid-stage, history from the checkpoint
+    out, kill_code, proc = runs["killed_ranking"]
+    assert kill_code != 0, "the run was meant to be killed"
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "sampling-step0000002" in proc.stderr  # resumed mid-stage, history from the checkpoint
     assert_same_run(out, reference)
     assert read(out, "selection.json")["history"] == read(reference, "selection.json")["history"]
 

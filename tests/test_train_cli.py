@@ -2,13 +2,15 @@
 rejected before any training."""
 
 import json
+import threading
+import time
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, assert_adapter_reproduces_run, run_ranks, run_ranks_many
+from conftest import REPO, assert_adapter_reproduces_run, run_ranks_many
 
 TRAIN = REPO / "launch" / "train.py"
 
@@ -39,13 +41,39 @@ def chat_setup(tiny_model, root):
     return model_dir, chats
 
 
+def delete_weights_once_sampling_runs(model_dir, out, deleted: list) -> threading.Thread:
+    """A thread that deletes ``model_dir``'s weight files as soon as the run in ``out`` has
+    its first sampling checkpoint (``train.save_every=2``), naming them in ``deleted``."""
+    first_checkpoint = out / "checkpoints" / "sampling-step0000002"
+
+    def watch():
+        deadline = time.monotonic() + 300
+        while not first_checkpoint.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for f in model_dir.glob("*.safetensors"):
+            f.unlink()
+            deleted.append(f.name)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    return watcher
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory) -> dict:
     """The module's finished runs, by name: (output_dir, rank 0's log), trained one after
-    another in one set of rank processes (``run_ranks_many``)."""
+    another in one set of rank processes (``run_ranks_many``); and ``deleted``: the weight
+    files of the "read_once" run's own model copy, deleted while its sampling stage ran."""
+    import shutil
+
     root = tmp_path_factory.mktemp("train_cli")
     chat_model, chats = chat_setup(tiny_model, root)
+    once_model = root / "read_once_model"
+    shutil.copytree(tiny_model, once_model)
     argvs = {
+        # First, so that nothing earlier in these processes has read its model; 10 sampling steps:
+        # the deletion lands long before the sampling stage ends.
+        "read_once": tiny_args(once_model, root / "read_once", "loradrop.sampling_steps=10", "train.save_every=2"),
         # The module-granularity run also warm-starts the kept LoRAs from the sampling stage.
         # The layer run gives the MFU a peak (a CPU has none of its own).
         "layer": tiny_args(tiny_model, root / "layer", "loradrop.granularity=layer", "loradrop.warm_start=false",
@@ -57,8 +85,11 @@ def runs(tiny_model, tmp_path_factory) -> dict:
                           "data.packing=true", "data.max_seq_len=96", "train.max_steps=null", "train.num_epochs=1",
                           "loradrop.sample_ratio=0.3", "train.report_to=[tensorboard]"),
     }
+    deleted: list[str] = []
+    watcher = delete_weights_once_sampling_runs(once_model, root / "read_once", deleted)
     procs = run_ranks_many(list(argvs.values()), root / "logs")
-    return {name: (root / name, proc.stderr) for name, proc in zip(argvs, procs, strict=True)}
+    watcher.join(timeout=5)
+    return {"deleted": deleted, **{name: (root / name, proc.stderr) for name, proc in zip(argvs, procs, strict=True)}}
 
 
 @pytest.mark.parametrize("granularity", ["layer", "module"])
@@ -169,36 +200,14 @@ def test_bf16_run_trains_fp32_adapters_on_a_bf16_base(tiny_model, runs):
     assert_adapter_reproduces_run(tiny_model, out, tol=0.05, dtype="bfloat16", rtol=0.02)
 
 
-def test_the_base_weights_are_read_once(tiny_model, tmp_path):
+def test_the_base_weights_are_read_once(runs):
     """The rebuild keeps the sampling stage's partitioned base: once the sampling stage is
     under way (its first checkpoint is complete) the weight files are deleted, and the
     main stage still builds and trains. (Reloading the base for the main stage, as
     earlier versions did, fails here.)"""
-    import shutil
-    import threading
-    import time
-
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model, model_dir)
-    out = tmp_path / "run"
-    first_checkpoint = out / "checkpoints" / "sampling-step0000002"
-    deleted = []
-
-    def delete_weights_once_sampling_runs():
-        deadline = time.monotonic() + 300
-        while not first_checkpoint.is_dir() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        for f in model_dir.glob("*.safetensors"):
-            f.unlink()
-            deleted.append(f.name)
-
-    watcher = threading.Thread(target=delete_weights_once_sampling_runs, daemon=True)
-    watcher.start()
-    # 10 sampling steps: the deletion lands long before the sampling stage ends.
-    proc = run_ranks(TRAIN, tiny_args(model_dir, out, "loradrop.sampling_steps=10", "train.save_every=2"))
-    watcher.join(timeout=5)
-    assert deleted == ["model.safetensors"]
-    assert "=== loradrop_ds run summary ===" in proc.stdout
+    out, log = runs["read_once"]
+    assert runs["deleted"] == ["model.safetensors"]
+    assert "=== loradrop_ds run summary ===" in log
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sampling"]["steps"] == 10 and summary["main"]["steps"] == 4
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -8,6 +8,7 @@ import sys
 
 from loradrop_ds import data as data_lib
 from loradrop_ds import distributed
+from loradrop_ds.deepspeed_private import release_engine
 from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.lora import add_lora
 from loradrop_ds.model import load_model, load_tokenizer
@@ -17,8 +18,14 @@ from workers.common import ds_config_for, rank_batches, tiny_config
 STEPS = 6
 
 
-def main(model_dir: str, out_file: str, mode: str) -> None:
+def main(model_dir: str, jobs: list[str]) -> None:
     info = distributed.init_distributed()
+    for out_file, mode in zip(jobs[::2], jobs[1::2], strict=True):
+        count_gathers(info, model_dir, out_file, mode)
+    distributed.exit_process(0)
+
+
+def count_gathers(info, model_dir: str, out_file: str, mode: str) -> None:
     cfg = tiny_config(model_dir, "train.micro_batch_size=2")
     ds_config = ds_config_for(cfg, info.world_size)  # zero3_tiny.json: every weight partitioned
     model, _hf = load_model(cfg.model, ds_config, "cpu")
@@ -51,8 +58,8 @@ def main(model_dir: str, out_file: str, mode: str) -> None:
     if info.is_main:
         with open(out_file, "w") as f:
             json.dump({"fetched": per_step}, f)
-    distributed.exit_process(0)
+    release_engine(engine)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(sys.argv[1], sys.argv[2:])

@@ -1,8 +1,10 @@
 """One 2-rank ZeRO-3 step of LoRAPrune's scoring on the tiny GQA model (LoRA on all seven
 projections; layers 1 and 3 keep their LoRA, layers 0 and 2 share one), then one update.
 
-torchrun --nproc_per_node 2 tests/workers/prune_step.py MODEL_DIR OUT_DIR [checkpointing]
-Rank 0 writes the LoRA weights before the step (a shared LoRA once, under layer 0's names);
+torchrun --nproc_per_node 2 tests/workers/prune_step.py MODEL_DIR OUT_DIR plain|checkpointing [OUT_DIR MODE ...]
+For each (OUT_DIR, MODE), one after another in these processes (each engine released with
+``release_engine`` before the next, as train.py's runs in one process: tests/workers/train_many.py),
+rank 0 writes the LoRA weights before the step (a shared LoRA once, under layer 0's names);
 every rank writes its PruneState after the update (state_rank{R}.safetensors)."""
 
 import sys
@@ -11,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from loradrop_ds import distributed
+from loradrop_ds.deepspeed_private import release_engine
 from loradrop_ds.engine import create_engine, lr_lambda
 from loradrop_ds.importance import sharing_plan
 from loradrop_ds.lora import add_lora, tie_shared_lora
@@ -29,8 +32,15 @@ PRUNE = ["train.micro_batch_size=2", ALL_MODULES, "prune.target_sparsity=0.5", "
 TOTAL_STEPS = 2
 
 
-def main(model_dir: str, out_dir: str, mode: str = "") -> None:
+def main(model_dir: str, jobs: list[str]) -> None:
     info = distributed.init_distributed()
+    for out_dir, mode in zip(jobs[::2], jobs[1::2], strict=True):
+        assert mode in ("plain", "checkpointing"), mode
+        prune_step(info, model_dir, out_dir, mode)
+    distributed.exit_process(0)
+
+
+def prune_step(info, model_dir: str, out_dir: str, mode: str) -> None:
     cfg = tiny_config(model_dir, *PRUNE, *(["model.gradient_checkpointing=true"] if mode == "checkpointing" else []))
     ds_config = ds_config_for(cfg, info.world_size)  # zero3_tiny.json: every weight partitioned
     dims = read_model_dims(cfg.model, cfg.lora.target_modules)  # on the meta device, before ZeRO-3's Init is on
@@ -52,8 +62,9 @@ def main(model_dir: str, out_dir: str, mode: str = "") -> None:
     if info.is_main:
         save_file(before, f"{out_dir}/before.safetensors")
     save_file(pruner.state.to_tensors(), f"{out_dir}/state_rank{info.rank}.safetensors")
-    distributed.exit_process(0)
+    del model, out
+    release_engine(engine)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(sys.argv[1], sys.argv[2:])

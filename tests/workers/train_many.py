@@ -17,6 +17,7 @@ process must; tests/test_engine.py checks the release on its own.
 """
 
 import contextlib
+import gc
 import json
 import os
 import runpy
@@ -28,6 +29,13 @@ from loradrop_ds import distributed
 
 def main(jobs_file: str) -> None:
     train = runpy.run_path(str(Path(__file__).resolve().parents[2] / "launch" / "train.py"), run_name="train_many")
+    # What lives as long as the process (the imports: modules, classes, functions; some 180k
+    # objects, 580k after the first run's lazy imports) is kept out of the cyclic collector, so
+    # each gc.collect() of a run (train.py and release_engine collect several times per run)
+    # scans only what that run made: measured, 2.1 instead of 3.8 CPU s per tiny 1-rank run.
+    # After each run its garbage is collected first, so only what outlives it (caches, the
+    # process group) is frozen; what the next run makes is collected as before.
+    gc.freeze()
     rank = int(os.environ.get("RANK", "0"))
     for job in json.loads(Path(jobs_file).read_text()):
         env = job.get("env", {})
@@ -42,6 +50,8 @@ def main(jobs_file: str) -> None:
             else:
                 os.environ[key] = value
         Path(f"{job['log']}.code{rank}").write_text(str(code))
+        gc.collect()
+        gc.freeze()
     distributed.exit_process(0)
 
 
