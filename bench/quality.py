@@ -93,6 +93,10 @@ CONFIGS: dict[str, tuple[list[str], str]] = {
     "share_all": (["loradrop.selection=share_all"], "one shared LoRA per module, every layer"),
     "share_all_scale_scalar": (["loradrop.selection=share_all", "loradrop.shared_scale=scalar"],
                                "share-all, scalar gain per layer"),
+    # Share-all at budget0.5's parameter count: r = 120 is 15 x the rank (one shared LoRA per
+    # module = 1/30 of plain LoRA at r = 8), alpha scaled with it so alpha / r stays 2.
+    "share_all_r120": (["loradrop.selection=share_all", "lora.r=120", "lora.alpha=240"],
+                       "share-all at r=120: 50% of plain's parameters"),
     "module_budget0.5": (["loradrop.granularity=module", "loradrop.param_budget=0.5"],
                          "(layer, module) pairs, 50% budget"),
     "budget0.5_rankstop": (["loradrop.param_budget=0.5", "loradrop.sampling_steps=auto", "loradrop.auto_stop=ranking",
@@ -403,7 +407,8 @@ def markdown(results: dict, expected_seeds: int | None = None) -> str:
 # the seeds change for all configurations alike (seed 3 is harder for most of them).
 PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("budget0.5", "budget0.5_random"), ("budget0.5", "share_all"),
          ("budget0.5", "share_all_scale_scalar"), ("share_all_scale_scalar", "share_all"), ("share_all", "plain"),
-         ("budget0.5_random", "share_all"), ("module_budget0.5", "budget0.5"), ("budget0.5_rankstop", "budget0.5"),
+         ("budget0.5_random", "share_all"), ("budget0.5", "share_all_r120"), ("share_all_r120", "plain"),
+         ("module_budget0.5", "budget0.5"), ("budget0.5_rankstop", "budget0.5"),
          ("budget0.5_rankstop", "budget0.5_random"), ("T0.9", "T0.9_random"),
          ("T0.9", "T0.9_bottom"),
          ("T0.9", "T0.9_param_norm"), ("T0.9", "T0.9_grad_norm"), ("T0.9", "T0.9_kept_only"),
