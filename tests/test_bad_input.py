@@ -166,7 +166,7 @@ def _float_settings():
 def test_every_float_setting_is_covered():
     assert set(_float_settings()) == {
         "lora.alpha", "lora.dropout", "lora.allora_eta2", "loradrop.threshold", "loradrop.sample_ratio", "loradrop.sampling_lr",
-        "loradrop.param_budget",
+        "loradrop.param_budget", "loradrop.auto_min_rank_correlation",
         "train.num_epochs", "train.lr", "train.min_lr_ratio", "train.weight_decay", "train.max_grad_norm",
         "train.peak_tflops", "data.eval_split_ratio", "dist.timeout_minutes", "prune.target_sparsity", "prune.start_fraction",
         "prune.end_fraction", "prune.ema", "prune.exempt_first_fraction"}
