@@ -420,16 +420,21 @@ PAIRS = [("T0.9", "plain"), ("budget0.5", "plain"), ("budget0.5", "budget0.5_ran
 def paired_markdown(results: dict) -> str:
     """Accuracy and eval-loss differences per seed for PAIRS (both configurations finished)."""
     by = {(r["config"], r["seed"]): r for r in results["runs"]}
-    lines = ["| config - against | accuracy points, per seed | mean | eval loss, per seed | mean | seeds with lower loss |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| config - against | accuracy points, per seed | mean ± sd | eval loss, per seed | mean ± sd "
+             "| seeds with lower loss |", "|---|---|---|---|---|---|"]
+
+    def mean_sd(xs: list[float], digits: int) -> str:  # the spread of the paired differences (sample sd)
+        sd = f" ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else ""
+        return f"{statistics.fmean(xs):+.{digits}f}{sd}"
+
     for a, b in PAIRS:
         seeds = sorted(s for c, s in by if c == a and (b, s) in by)
         if not seeds:
             continue
         acc = [100 * (by[a, s]["eval_accuracy"] - by[b, s]["eval_accuracy"]) for s in seeds]
         loss = [by[a, s]["eval_loss"] - by[b, s]["eval_loss"] for s in seeds]
-        lines.append(f"| {a} - {b} | {' / '.join(f'{x:+.1f}' for x in acc)} | {statistics.fmean(acc):+.2f} "
-                     f"| {' / '.join(f'{x:+.4f}' for x in loss)} | {statistics.fmean(loss):+.4f} "
+        lines.append(f"| {a} - {b} | {' / '.join(f'{x:+.1f}' for x in acc)} | {mean_sd(acc, 2)} "
+                     f"| {' / '.join(f'{x:+.4f}' for x in loss)} | {mean_sd(loss, 4)} "
                      f"| {sum(x < 0 for x in loss)} of {len(seeds)} |")
     return "\n".join(lines)
 
