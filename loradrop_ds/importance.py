@@ -33,8 +33,6 @@ import torch
 # implemented; config.py validates recipes against them.
 GRANULARITIES = ("layer", "module")
 SELECTION_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm", "list", "share_all")
-# The methods that rank items by sampling-stage statistics (share_all and list need none to rank).
-RANKED_METHODS = ("output_norm", "random", "bottom", "param_norm", "grad_norm")
 # loradrop.auto_stop: what sampling_steps=auto waits for (sampling_settled).
 AUTO_STOPS = ("kept_set", "ranking")
 Granularity = Literal[GRANULARITIES]  # Literal of a tuple T is Literal[*T]
