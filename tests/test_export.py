@@ -341,3 +341,20 @@ def test_cli_failure_while_writing_leaves_nothing(run_copy, tmp_path):
     assert proc.returncode == 2 and "does not match its selection" in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "new").exists() and _tree(tmp_path) == before
+
+
+def test_card_of_a_share_all_run_says_nothing_was_measured(finished_run):
+    """share_all has no sampling stage: no importance to tabulate, and the card says so
+    instead of a T / sampling-steps line that did not apply."""
+    import dataclasses
+
+    from loradrop_ds.export import model_card, open_source
+    from loradrop_ds.importance import share_all_selection
+
+    src = open_source(finished_run)
+    assert f"| selection | {src.selection.method} |" in model_card(src, "peft")  # a measured selection
+    selection = share_all_selection(src.selection.num_layers, src.selection.module_names, "layer", 0.9)
+    card = model_card(dataclasses.replace(src, selection=selection, importance_png=None), "peft")
+    assert "| selection | share_all (no sampling stage) |" in card and "threshold T" not in card
+    assert "| kept layers | [] |" in card and "| item | importance | LoRA |" not in card
+    assert "Every layer uses the shared LoRA (selection share_all" in card
